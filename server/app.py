@@ -1,0 +1,76 @@
+"""The coordinator's web server: pages, the REST API, the signaling WebSocket, and the round loop's lifetime.
+
+Routes only; the round logic is in coordinator.py and signaling in signaling.py. Never serve files from
+outside the project's browser/ and pyodide directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from server.coordinator import Coordinator
+from server.signaling import SignalingServer
+
+log = logging.getLogger("swarmgrad.app")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BROWSER_DIR = PROJECT_ROOT / "browser"
+PYODIDE_DIR = PROJECT_ROOT / "node_modules" / "pyodide"
+
+
+def create_app(coordinator: Coordinator) -> Starlette:
+    signaling = SignalingServer(coordinator)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(BROWSER_DIR / "index.html")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(coordinator.status())
+
+    async def shard(request: Request) -> Response:
+        try:
+            index = int(request.path_params["index"])
+            data = coordinator.corpus.shard(index)
+        except (ValueError, IndexError) as e:
+            return JSONResponse({"error": f"bad shard index: {e}"}, status_code=400)
+        return Response(data, media_type="application/octet-stream")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        task = asyncio.create_task(coordinator.run(), name="rounds")
+
+        def on_done(t: asyncio.Task) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("the round loop failed; stopping the coordinator", exc_info=t.exception())
+                os._exit(3)  # a coordinator without its round loop must not keep answering as if healthy
+
+        task.add_done_callback(on_done)
+        try:
+            yield
+        finally:
+            task.cancel()
+            await signaling.close()
+
+    routes = [
+        Route("/", index),
+        Route("/api/status", status),
+        Route("/api/shards/{index}", shard),
+        WebSocketRoute("/ws", signaling.endpoint),
+        Mount("/static", StaticFiles(directory=BROWSER_DIR), name="static"),
+    ]
+    if PYODIDE_DIR.is_dir():
+        routes.append(Mount("/pyodide", StaticFiles(directory=PYODIDE_DIR), name="pyodide"))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.coordinator = coordinator
+    app.state.signaling = signaling
+    return app

@@ -1,0 +1,184 @@
+"""The command line: `python -m server [serve options]`, `... trainer`, `... status`.
+
+Each command parses its options and hands off to the module that does the work. Never put round logic here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+COMMANDS = ("serve", "trainer", "status")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    from server.coordinator import JobConfig
+    from shared.model import MODEL_SIZES
+
+    d = JobConfig()
+    p = argparse.ArgumentParser(prog="python -m server", description=(
+        "Run a swarmgrad coordinator: it serves the contributor page, signals WebRTC peers, runs DiLoCo rounds "
+        "and keeps state in SQLite. Other commands: `python -m server trainer --help`, `python -m server status "
+        "--help`."))
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"),
+                   help="state.db and checkpoints live here; a restart resumes from it (default: %(default)s)")
+    p.add_argument("--model", default=d.model, choices=sorted(MODEL_SIZES), help="model size (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, default=d.inner_steps,
+                   help="local AdamW steps per round, H (default: %(default)s)")
+    p.add_argument("--rounds", type=_positive_int, default=d.rounds,
+                   help="stop after this many rounds; 0 = forever (default: %(default)s)")
+    p.add_argument("--round-deadline", type=float, default=d.round_deadline,
+                   help="seconds a round waits for updates (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per inner step (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial parameters (default: %(default)s)")
+    p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="restrict WebRTC (ICE) to this local address; repeatable. Default: the --host address "
+                        "when it is a loopback address, else every interface")
+    p.add_argument("--data", type=Path, default=None,
+                   help="your own text corpus: a file, or a directory of .txt/.md/.py/.rst files "
+                        "(default: the Python standard library's source)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def trainer_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server trainer",
+                                description="Join a swarmgrad coordinator as a PyTorch trainer.")
+    p.add_argument("--coordinator", required=True, help="the coordinator's URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="where to train: auto picks CUDA when available (default: %(default)s)")
+    p.add_argument("--max-rounds", type=_positive_int, default=0,
+                   help="leave cleanly after this many completed rounds; 0 = until the job ends")
+    p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
+                   help="restrict WebRTC (ICE) to this local address; repeatable. Default: loopback when the "
+                        "coordinator is on loopback")
+    p.add_argument("--transport", default="auto", choices=["auto", "webrtc", "websocket"],
+                   help="auto tries a WebRTC data channel and falls back to the WebSocket (default: %(default)s)")
+    p.add_argument("--key-file", type=Path, default=None,
+                   help="keep this node's ed25519 key here, to rejoin as the same node (default: a new key)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def status_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server status", description="Show a coordinator's training run.")
+    p.add_argument("--coordinator", default="http://127.0.0.1:8000", help="the coordinator's URL (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON of /api/status")
+    return p
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+
+
+def serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
+    _logging(args.log_level)
+    import uvicorn
+
+    from server import rtc
+    from server.app import create_app
+    from server.coordinator import Coordinator, JobConfig, JobMismatch
+    from server.corpus import CorpusError, load_corpus
+    from shared.wire import MAX_MESSAGE_BYTES
+
+    try:
+        job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
+                        round_deadline=args.round_deadline, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        corpus = load_corpus(args.data)
+        ice = args.ice_host
+        if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:
+            ice = ["127.0.0.1" if ":" not in args.host else "::1"]
+        rtc.restrict_ice_hosts(ice)
+        coordinator = Coordinator(args.data_dir, job, corpus)
+    except (ValueError, KeyError, CorpusError, JobMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    url = f"http://{args.host if ':' not in args.host else '[' + args.host + ']'}:{args.port}"
+    print(f"swarmgrad coordinator: {url}\n  model {job.model}, corpus {corpus.name} ({len(corpus.train):,} bytes), "
+          f"data in {args.data_dir}/\n  open {url} in a browser, or join with: "
+          f"python -m server trainer --coordinator {url}", flush=True)
+    config = uvicorn.Config(create_app(coordinator), host=args.host, port=args.port, log_level="warning",
+                            ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="on")
+    uvicorn.Server(config).run()
+    return 0
+
+
+def trainer(argv: list[str]) -> int:
+    args = trainer_parser().parse_args(argv)
+    _logging(args.log_level)
+    from server.trainer import FatalError, Trainer, TrainerOptions, configure_ice
+
+    options = TrainerOptions(args.coordinator, args.device, args.max_rounds, args.ice_host, args.transport,
+                             args.key_file, not args.no_progress)
+    try:
+        configure_ice(options)
+        node = Trainer(options)
+        return asyncio.run(node.run())
+    except FatalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def fetch_status(coordinator: str) -> dict:
+    url = coordinator.rstrip("/") + "/api/status"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+
+
+def format_status(s: dict) -> str:
+    job = s["job"]
+    loss = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
+    lines = [f"job: model {job['model']} ({job['params']:,} parameters), H={job['inner_steps']}, "
+             f"aggregator {job['aggregator']}, codec {job['codec']}",
+             f"state: {s['state']}, {s['round']} round(s) completed, validation loss {loss}", "",
+             f"{'round':>5}  {'val_loss':>9}  {'accepted':>8}  {'rejected':>8}  {'tokens':>10}"]
+    for h in s["history"]:
+        v = "n/a" if h["val_loss"] is None else f"{h['val_loss']:.4f}"
+        lines.append(f"{h['round']:>5}  {v:>9}  {h['accepted']:>8}  {h['rejected']:>8}  {h['tokens']:>10,}")
+    lines += ["", f"{'node':<14}  {'kind':<8}  {'state':<10}  {'path':<9}  {'accepted':>8}"]
+    for n in s["nodes"]:
+        lines.append(f"{n['id'][:12] + '…':<14}  {n['kind']:<8}  {n['state']:<10}  {n['path'] or '-':<9}  "
+                     f"{n['updates_accepted']:>8}")
+    return "\n".join(lines)
+
+
+def status(argv: list[str]) -> int:
+    args = status_parser().parse_args(argv)
+    try:
+        s = fetch_status(args.coordinator)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"error: cannot read {args.coordinator}/api/status: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "serve"
+    if argv and argv[0] == command:
+        argv = argv[1:]
+    return {"serve": serve, "trainer": trainer, "status": status}[command](argv)

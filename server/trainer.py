@@ -1,0 +1,371 @@
+"""The PyTorch trainer node: joins a coordinator, trains its assigned shard for H inner AdamW steps per round,
+and uploads a signed pseudo-gradient over a WebRTC data channel (or the WebSocket fallback).
+
+It reconnects when the coordinator goes away and keeps its inner optimizer state across rounds. Never send an
+update computed on a model whose hash and coordinator signature were not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+import websockets
+
+from server import rtc
+from server.keys import NodeKey, SignatureError, verify
+from server.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSocketLink
+from server.model import GPT, flat_parameters, load_flat_parameters
+from server.training import byte_tensor, sample_batch
+from shared import compress
+from shared.identity import signing_bytes
+from shared.model import GPTConfig, num_parameters
+from shared.wire import (MAX_MESSAGE_BYTES, Bye, Challenge, Error, Hello, Message, ModelRequest, PathSelect,
+                         RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome, WireError, decode_message)
+
+log = logging.getLogger("swarmgrad.trainer")
+
+DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport "auto")
+RECONNECT_MAX_S = 10.0
+RESULT_TIMEOUT_S = 120.0
+
+
+class FatalError(Exception):
+    """The coordinator refused this node or the job cannot be trained here; retrying will not help."""
+
+
+class Disconnected(Exception):
+    """The coordinator went away; the trainer reconnects."""
+
+
+class JobFinished(Exception):
+    pass
+
+
+@dataclass
+class TrainerOptions:
+    coordinator: str  # http://host:port
+    device: str = "auto"
+    max_rounds: int = 0  # 0 = until the job ends
+    ice_hosts: list[str] = field(default_factory=list)
+    transport: str = "auto"  # auto | webrtc | websocket
+    key_file: Path | None = None
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FatalError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class Progress:
+    """One status line: rewritten in place on a terminal, printed once per round otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def show(self, text: str, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+            sys.stderr.flush()
+        elif final:
+            print(text, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, options: TrainerOptions):
+        self.options = options
+        self.key = NodeKey.load_or_create(options.key_file) if options.key_file else NodeKey()
+        self.device = resolve_device(options.device)
+        parts = urlsplit(options.coordinator)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise FatalError(f"--coordinator must be an http(s) URL like http://127.0.0.1:8000, got {options.coordinator!r}")
+        self.http_base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+        self.ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, "/ws", "", ""))
+        self.progress = Progress(options.progress)
+        self.model: GPT | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.global_params: np.ndarray | None = None
+        self.global_hash: str | None = None
+        self.shards: dict[int, torch.Tensor] = {}
+        self.rounds_done = 0
+        self.accepted = 0
+        self.last_val_loss: float | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Train until the job ends or --max-rounds is reached; reconnect on lost connections. Exit code."""
+        delay = 0.5
+        while True:
+            try:
+                await self._session()
+                return 0
+            except JobFinished as e:
+                self.progress.show(f"leaving: {e}", final=True)
+                return 0
+            except FatalError as e:
+                log.error("%s", e)
+                return 2
+            except (Disconnected, OSError, websockets.exceptions.WebSocketException, LinkClosed) as e:
+                log.warning("connection to the coordinator lost (%s); reconnecting in %.1fs", e or type(e).__name__,
+                            delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _setup_model(self, job: dict) -> None:
+        cfg = GPTConfig.from_dict(job["config"])
+        if self.model is not None and self.model.cfg == cfg:
+            return
+        if num_parameters(cfg) != job["params"]:
+            raise FatalError("the coordinator's parameter count does not match this version's model layout")
+        self.model = GPT(cfg).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.0)
+        log.info("model %s: %d parameters on %s", job["model"], job["params"], self.device)
+
+    async def _session(self) -> None:
+        async with websockets.connect(self.ws_url, max_size=2 * MAX_MESSAGE_BYTES, open_timeout=10) as ws:
+            self.ws = ws
+            challenge = decode_message(await asyncio.wait_for(ws.recv(), 10))
+            if not isinstance(challenge, Challenge):
+                raise FatalError(f"expected a challenge from the coordinator, got {challenge.TYPE}")
+            self.coordinator_id = challenge.coordinator_id
+            hello = Hello(self.key.node_id, "trainer", challenge.nonce, "0" * 128, agent=f"torch {torch.__version__} {self.device}")
+            hello = Hello(**{**hello.__dict__, "signature": self.key.sign(signing_bytes("hello", hello.signing_fields()))})
+            await ws.send(hello.encode())
+            welcome = decode_message(await asyncio.wait_for(ws.recv(), 10))
+            if isinstance(welcome, Error):
+                raise FatalError(f"the coordinator refused this node: [{welcome.code}] {welcome.message}")
+            if not isinstance(welcome, Welcome):
+                raise FatalError(f"expected welcome, got {welcome.TYPE}")
+            self._setup_model(welcome.job)
+            max_payload = 4 * welcome.job["params"] + 1024
+            self.inbox: asyncio.Queue = asyncio.Queue()
+            self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
+            ws_receiver = FrameReceiver(max_payload)
+            reader = asyncio.create_task(self._read_websocket(ws, ws_receiver))
+            pc = None
+            try:
+                self.link, pc = await self._open_link(ws, max_payload)
+                self.progress.show(f"joined {self.http_base} as {self.key.node_id[:12]}… over {self.link.path}",
+                                   final=True)
+                await self._serve()
+            finally:
+                reader.cancel()
+                if pc is not None:
+                    await pc.close()
+
+    async def _read_websocket(self, ws, receiver: FrameReceiver) -> None:
+        try:
+            async for frame in ws:
+                try:
+                    item = receiver.feed(frame)
+                except WireError as e:
+                    self.inbox.put_nowait(Disconnected(f"bad frame from the coordinator: {e}"))
+                    return
+                if isinstance(item, Sdp):
+                    if not self.answer.done():
+                        self.answer.set_result(item)
+                elif item is not None:
+                    self.inbox.put_nowait(item)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        self.inbox.put_nowait(Disconnected("signaling socket closed"))
+
+    async def _open_link(self, ws, max_payload: int) -> tuple[Link, object]:
+        if self.options.transport != "websocket":
+            pc = rtc.new_peer_connection()
+            channel = pc.createDataChannel("swarmgrad", ordered=True)
+            opened = asyncio.Event()
+            channel.on("open", opened.set)
+            receiver = FrameReceiver(max_payload)
+
+            def on_message(frame) -> None:
+                try:
+                    item = receiver.feed(frame)
+                except WireError as e:
+                    self.inbox.put_nowait(Disconnected(f"bad frame from the coordinator: {e}"))
+                    return
+                if item is not None:
+                    self.inbox.put_nowait(item)
+
+            channel.on("message", on_message)
+            channel.on("close", lambda: self.inbox.put_nowait(Disconnected("data channel closed")))
+            await pc.setLocalDescription(await pc.createOffer())
+            await ws.send(Sdp(self.key.node_id, self.coordinator_id, "offer", pc.localDescription.sdp).encode())
+            try:
+                answer = await asyncio.wait_for(self.answer, DATA_CHANNEL_TIMEOUT_S)
+                from aiortc import RTCSessionDescription
+
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
+                await asyncio.wait_for(opened.wait(), DATA_CHANNEL_TIMEOUT_S)
+                return DataChannelLink(channel), pc
+            except asyncio.TimeoutError:
+                await pc.close()
+                if self.options.transport == "webrtc":
+                    raise Disconnected("the WebRTC data channel did not open")
+                log.warning("the WebRTC data channel did not open in %.0fs; using the WebSocket fallback",
+                            DATA_CHANNEL_TIMEOUT_S)
+        await ws.send(PathSelect("websocket").encode())
+        return WebSocketLink(ws.send, ws.send, lambda: ws.state.name == "OPEN"), None
+
+    # -- rounds --------------------------------------------------------------------------------------------
+
+    async def _next(self):
+        item = await self.inbox.get()
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, Bye):
+            raise JobFinished(item.reason or "the coordinator said goodbye")
+        if isinstance(item, Error):
+            if item.fatal:
+                raise Disconnected(f"[{item.code}] {item.message}")
+            log.warning("coordinator: [%s] %s", item.code, item.message)
+        return item
+
+    async def _serve(self) -> None:
+        pending_round: RoundOpen | None = None
+        while True:
+            item = pending_round or await self._next()
+            pending_round = None
+            if isinstance(item, RoundClosed):
+                self.last_val_loss = item.val_loss
+                self.progress.show(f"round {item.round} closed: validation loss {item.val_loss:.4f}, "
+                                   f"{item.accepted} update(s) accepted", final=True)
+            elif isinstance(item, RoundOpen):
+                pending_round = await self._train_round(item)
+                if self.options.max_rounds and self.rounds_done >= self.options.max_rounds:
+                    await self._leave(f"completed {self.rounds_done} round(s)")
+
+    async def _leave(self, reason: str) -> None:
+        try:
+            await self.link.send_message(Bye(reason))
+            await asyncio.sleep(0.2)  # let the data channel flush the goodbye
+        except LinkClosed:
+            pass
+        raise JobFinished(reason)
+
+    async def _train_round(self, assignment: RoundOpen) -> RoundOpen | None:
+        """Train one assignment and upload it. Returns a newer RoundOpen that arrived meanwhile, if any."""
+        try:
+            verify(self.coordinator_id, signing_bytes("model", {"round": assignment.round,
+                                                                "model_hash": assignment.model_hash}),
+                   assignment.model_signature)
+        except SignatureError:
+            log.error("round %d: model signature does not verify; skipping the round", assignment.round)
+            return None
+        newer: RoundOpen | None = None
+        if self.global_hash != assignment.model_hash:
+            await self.link.send_message(ModelRequest(assignment.round, assignment.model_hash))
+            while True:
+                item = await self._next()
+                if isinstance(item, tuple) and item[0].kind == "model":
+                    header, data = item
+                    if header.sha256 != assignment.model_hash:
+                        raise Disconnected("the model payload does not match the signed hash")
+                    self.global_params = np.frombuffer(data, "<f4").astype(np.float32)
+                    self.global_hash = header.sha256
+                    break
+                if isinstance(item, UpdateResult) and not item.accepted:
+                    log.warning("model request refused: %s", item.reason)
+                    return None
+                if isinstance(item, RoundOpen):
+                    newer = item
+        cfg = assignment.config
+        shard = await self._shard(assignment.shard)
+        load_flat_parameters(self.model, torch.from_numpy(self.global_params))
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(cfg["lr"])
+            group["weight_decay"] = float(cfg.get("weight_decay", 0.0))
+        started = time.time()
+        loss_first, loss_last, tokens = await asyncio.to_thread(self._inner_steps, assignment, shard)
+        seconds = time.time() - started
+        local = flat_parameters(self.model).numpy()
+        pseudo_gradient = self.global_params - local
+        spec = compress.CodecSpec.from_dict(cfg.get("codec", {"name": "fp32"}))
+        payload = compress.encode(spec, memoryview(np.ascontiguousarray(pseudo_gradient, "<f4")).cast("B").cast("f"))
+
+        def signed_update(header) -> Update:
+            u = Update(self.key.node_id, assignment.round, assignment.model_hash, tokens, int(cfg["inner_steps"]),
+                       loss_first, loss_last, spec.to_dict(), pseudo_gradient.size, header.transfer_id,
+                       header.sha256, header.total_bytes, "0" * 128, seconds)
+            return Update(**{**u.__dict__, "signature": self.key.sign(signing_bytes("update", u.signing_fields()))})
+
+        await self.link.send_payload("update", payload, {"round": assignment.round}, announce=signed_update)
+        deadline = time.time() + RESULT_TIMEOUT_S
+        while time.time() < deadline:
+            item = await asyncio.wait_for(self._next(), RESULT_TIMEOUT_S)
+            if isinstance(item, UpdateResult) and item.round == assignment.round:
+                self.rounds_done += 1
+                self.accepted += int(item.accepted)
+                verdict = "accepted" if item.accepted else f"rejected [{item.rule}] {item.reason}"
+                self.progress.show(f"round {assignment.round}: update {verdict} | loss {loss_first:.3f} -> "
+                                   f"{loss_last:.3f} | {tokens / max(seconds, 1e-9):,.0f} tok/s | "
+                                   f"{self.accepted} accepted", final=True)
+                return newer
+            if isinstance(item, RoundOpen):
+                newer = item
+            elif isinstance(item, RoundClosed):
+                self.last_val_loss = item.val_loss
+        raise Disconnected("no verdict on the update")
+
+    def _inner_steps(self, assignment: RoundOpen, shard: torch.Tensor) -> tuple[float, float, int]:
+        cfg = assignment.config
+        steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
+        seed = int.from_bytes(hashlib.sha256(f"{self.key.node_id}:{assignment.round}".encode()).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(seed)
+        self.model.train()
+        loss_first = loss_last = float("nan")
+        started = time.time()
+        for step in range(steps):
+            x, y = sample_batch(shard, batch, seq, gen)
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_last = loss.item()
+            if step == 0:
+                loss_first = loss_last
+            rate = (step + 1) * batch * seq / max(time.time() - started, 1e-9)
+            self.progress.show(f"round {assignment.round} | step {step + 1}/{steps} | {rate:,.0f} tok/s | "
+                               f"loss {loss_last:.3f} | {self.accepted} accepted")
+        return loss_first, loss_last, steps * batch * seq
+
+    async def _shard(self, index: int) -> torch.Tensor:
+        if index not in self.shards:
+            url = f"{self.http_base}/api/shards/{index}"
+
+            def fetch() -> bytes:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    return r.read()
+
+            try:
+                self.shards[index] = byte_tensor(await asyncio.to_thread(fetch))
+            except OSError as e:
+                raise Disconnected(f"cannot fetch shard {index}: {e}") from e
+        return self.shards[index]
+
+
+def configure_ice(options: TrainerOptions) -> None:
+    hosts = options.ice_hosts
+    if not hosts:
+        host = urlsplit(options.coordinator).hostname or ""
+        if host in ("127.0.0.1", "localhost", "::1"):
+            hosts = ["::1" if host == "::1" else "127.0.0.1"]  # a coordinator on loopback is reached on loopback
+    if hosts:
+        rtc.restrict_ice_hosts(hosts)

@@ -1,0 +1,490 @@
+"""The wire format: a versioned JSON envelope for control messages, and chunked binary payloads.
+
+Every message type is written down once below, as a dataclass with its limits beside it. The decoder checks
+sizes before parsing and declared lengths before allocating; it never trusts a count from the wire.
+
+Framing. A link (a WebRTC data channel, or the signaling WebSocket as fallback) carries two kinds of frames:
+  - text frames: one JSON object {"v": PROTOCOL_VERSION, "type": <message type>, ...fields}
+  - binary frames: one chunk of a payload, CHUNK_MAGIC | transfer_id u32 LE | index u32 LE | data
+A payload (model parameters, a pseudo-gradient) is announced by a PayloadHeader message with its total size,
+chunk count and sha256, then sent as chunks of exactly CHUNK_DATA_BYTES (the last one shorter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import struct
+import typing
+from dataclasses import dataclass, field
+
+from shared import PROTOCOL_VERSION
+
+MAX_MESSAGE_BYTES = 262_144  # one WebRTC data-channel message: Chromium's and aiortc's limit
+MAX_CONTROL_BYTES = 65_536  # one JSON control message, SDP included
+CHUNK_MAGIC = b"SGC\x01"  # "swarmgrad chunk", format 1
+CHUNK_HEADER = struct.Struct("<4sII")  # magic, transfer_id, index
+CHUNK_DATA_BYTES = MAX_MESSAGE_BYTES - CHUNK_HEADER.size
+MAX_PAYLOAD_BYTES = 1 << 30  # 1 GiB: far above any model we train here, far below memory exhaustion
+MAX_TRANSFERS_IN_FLIGHT = 4  # per link and direction
+MAX_STRING = 4_096  # default limit for a string field; SDP has its own
+MAX_SDP = 60_000
+
+
+class WireError(ValueError):
+    """Input that does not follow the wire format. `code` names the kind of error for the peer and the logs."""
+
+    code = "malformed"
+
+
+class MalformedFrame(WireError):
+    code = "malformed"
+
+
+class VersionMismatch(WireError):
+    code = "version"
+
+
+class UnknownMessageType(WireError):
+    code = "unknown_type"
+
+
+class FieldError(WireError):
+    code = "bad_field"
+
+
+class LimitExceeded(WireError):
+    code = "limit"
+
+
+class ChecksumMismatch(WireError):
+    code = "checksum"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Messages. Field annotations are the schema: the decoder checks every field's type from them, and
+# `check()` adds each message's own limits.
+
+MESSAGE_TYPES: dict[str, type["Message"]] = {}
+
+
+def message(type_name: str):
+    def register(cls):
+        cls = dataclass(frozen=True)(cls)
+        cls.TYPE = type_name
+        MESSAGE_TYPES[type_name] = cls
+        return cls
+
+    return register
+
+
+class Message:
+    TYPE: typing.ClassVar[str] = ""
+
+    def check(self) -> None:
+        """Raise FieldError or LimitExceeded when a value is out of its limits. Override per message."""
+
+    def to_dict(self) -> dict:
+        d = {"v": PROTOCOL_VERSION, "type": self.TYPE}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    def encode(self) -> str:
+        text = json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        if len(text.encode()) > MAX_CONTROL_BYTES:
+            raise LimitExceeded(f"{self.TYPE} message of {len(text)} bytes exceeds {MAX_CONTROL_BYTES}")
+        return text
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise FieldError(what)
+
+
+def _hex(value: str, length: int, name: str) -> None:
+    _need(len(value) == length and all(c in "0123456789abcdef" for c in value), f"{name} must be {length} hex chars")
+
+
+# -- signaling (the WebSocket) ---------------------------------------------------------------------------
+
+
+@message("challenge")
+class Challenge(Message):
+    """Coordinator -> node, first thing on a new WebSocket: sign this nonce in your Hello."""
+
+    nonce: str
+    coordinator_id: str
+
+    def check(self):
+        _hex(self.nonce, 64, "nonce")
+        _hex(self.coordinator_id, 64, "coordinator_id")
+
+
+NODE_KINDS = ("trainer", "browser")
+
+
+@message("hello")
+class Hello(Message):
+    """Node -> coordinator: who I am, proven by signing the challenge (see `hello_signing_fields`)."""
+
+    node_id: str
+    kind: str
+    nonce: str
+    signature: str
+    agent: str = ""  # free text: software and device, shown on the dashboard
+
+    def check(self):
+        _hex(self.node_id, 64, "node_id")
+        _need(self.kind in NODE_KINDS, f"kind must be one of {NODE_KINDS}")
+        _hex(self.nonce, 64, "nonce")
+        _hex(self.signature, 128, "signature")
+        _need(len(self.agent) <= 200, "agent must be at most 200 characters")
+
+    def signing_fields(self) -> dict:
+        return {"node_id": self.node_id, "kind": self.kind, "nonce": self.nonce}
+
+
+@message("welcome")
+class Welcome(Message):
+    """Coordinator -> node: admitted. `job` describes the model and training setup."""
+
+    node_id: str
+    coordinator_id: str
+    job: dict
+    round: int
+
+
+@message("error")
+class Error(Message):
+    """Either way: what went wrong. `fatal` means the sender closes the connection next."""
+
+    code: str
+    message: str
+    fatal: bool = False
+
+    def check(self):
+        _need(len(self.code) <= 64, "code too long")
+
+
+@message("sdp")
+class Sdp(Message):
+    """Session description, relayed between any two peers by the coordinator (which is a peer too).
+
+    Candidates travel inside the SDP (gathering completes before sending), so no trickle is needed.
+    """
+
+    src: str
+    dst: str
+    sdp_type: str
+    sdp: str
+
+    def check(self):
+        _need(self.sdp_type in ("offer", "answer"), "sdp_type must be offer or answer")
+        _need(len(self.sdp) <= MAX_SDP, f"sdp longer than {MAX_SDP}")
+        _hex(self.dst, 64, "dst")
+
+
+@message("ice")
+class IceCandidate(Message):
+    """One trickled ICE candidate, relayed like Sdp (for peers that trickle)."""
+
+    src: str
+    dst: str
+    candidate: str
+    sdp_mid: str = "0"
+    sdp_mline_index: int = 0
+
+    def check(self):
+        _hex(self.dst, 64, "dst")
+
+
+PATHS = ("webrtc", "websocket")
+
+
+@message("path")
+class PathSelect(Message):
+    """Node -> coordinator: carry the round traffic over this path from now on."""
+
+    path: str
+
+    def check(self):
+        _need(self.path in PATHS, f"path must be one of {PATHS}")
+
+
+# -- rounds (the data channel, or the WebSocket fallback) ------------------------------------------------
+
+
+@message("round_open")
+class RoundOpen(Message):
+    """Coordinator -> node: the assignment for round `round` (the model after `round` completed rounds).
+
+    `model_signature` is the coordinator's signature over signing_bytes("model", {"round", "model_hash"}).
+    """
+
+    round: int
+    model_hash: str
+    model_signature: str
+    config: dict  # inner_steps, lr, batch_size, seq_len, weight_decay, codec, deadline_s
+    shard: int
+    deadline: float  # unix time by which the update must arrive
+
+    def check(self):
+        _need(self.round >= 0 and self.shard >= 0, "round and shard must be non-negative")
+        _hex(self.model_hash, 64, "model_hash")
+        _hex(self.model_signature, 128, "model_signature")
+
+
+@message("model_request")
+class ModelRequest(Message):
+    """Node -> peer: send me the parameters with this hash."""
+
+    round: int
+    model_hash: str
+
+    def check(self):
+        _hex(self.model_hash, 64, "model_hash")
+
+
+PAYLOAD_KINDS = ("model", "update")
+
+
+@message("payload")
+class PayloadHeader(Message):
+    """Announces a binary payload that follows as `num_chunks` chunk frames of `transfer_id`."""
+
+    transfer_id: int
+    kind: str
+    total_bytes: int
+    num_chunks: int
+    sha256: str
+    meta: dict = field(default_factory=dict)
+
+    def check(self):
+        _need(0 <= self.transfer_id < 2**32, "transfer_id must fit in u32")
+        _need(self.kind in PAYLOAD_KINDS, f"payload kind must be one of {PAYLOAD_KINDS}")
+        if not 0 < self.total_bytes <= MAX_PAYLOAD_BYTES:
+            raise LimitExceeded(f"payload of {self.total_bytes} bytes outside (0, {MAX_PAYLOAD_BYTES}]")
+        _need(self.num_chunks == chunk_count(self.total_bytes),
+              f"{self.total_bytes} bytes must travel as {chunk_count(self.total_bytes)} chunks, not {self.num_chunks}")
+        _hex(self.sha256, 64, "sha256")
+
+
+@message("update")
+class Update(Message):
+    """Node -> coordinator: a signed pseudo-gradient for `round`, whose bytes follow as payload `transfer_id`."""
+
+    node_id: str
+    round: int
+    model_hash: str
+    tokens: int
+    inner_steps: int
+    loss_first: float
+    loss_last: float
+    codec: dict  # shared.compress.CodecSpec.to_dict()
+    num_values: int
+    transfer_id: int
+    payload_sha256: str
+    payload_bytes: int
+    signature: str
+    seconds: float = 0.0  # wall time of the inner steps, for the autonomy loops
+
+    def check(self):
+        _hex(self.node_id, 64, "node_id")
+        _hex(self.model_hash, 64, "model_hash")
+        _hex(self.payload_sha256, 64, "payload_sha256")
+        _hex(self.signature, 128, "signature")
+        _need(self.round >= 0 and self.tokens >= 0 and self.inner_steps >= 0, "counts must be non-negative")
+        _need(0 < self.num_values and 0 < self.payload_bytes <= MAX_PAYLOAD_BYTES, "sizes out of range")
+        _need(math.isfinite(self.loss_first) and math.isfinite(self.loss_last), "losses must be finite")
+
+    def signing_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        del d["signature"], d["seconds"], d["loss_first"], d["loss_last"]  # floats stay out of signed bytes
+        return d
+
+
+@message("update_result")
+class UpdateResult(Message):
+    """Coordinator -> node: whether its update for `round` was accepted, and if not, why (and which rule)."""
+
+    round: int
+    accepted: bool
+    reason: str = ""
+    rule: str = ""
+
+
+@message("round_closed")
+class RoundClosed(Message):
+    """Coordinator -> every node: round `round` is committed; `val_loss` is the new model's validation loss."""
+
+    round: int
+    val_loss: float
+    accepted: int
+    rejected: int
+
+
+@message("bye")
+class Bye(Message):
+    """Either way: leaving cleanly."""
+
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding control messages
+
+
+def _check_type(value: object, hint: object, name: str) -> object:
+    if hint is bool:
+        _need(isinstance(value, bool), f"{name} must be a boolean")
+    elif hint is int:
+        _need(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer")
+        _need(-(2**53) <= value <= 2**53, f"{name} out of range")
+    elif hint is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number")
+        value = float(value)
+        _need(math.isfinite(value), f"{name} must be finite")
+    elif hint is str:
+        _need(isinstance(value, str), f"{name} must be a string")
+        _need(len(value) <= max(MAX_STRING, MAX_SDP if name == "sdp" else 0), f"{name} too long")
+    elif hint is dict:
+        _need(isinstance(value, dict), f"{name} must be an object")
+    else:  # pragma: no cover - a message declared a type this decoder does not know
+        raise TypeError(f"unsupported field type {hint!r} for {name}")
+    return value
+
+
+def decode_message(frame: str | bytes) -> Message:
+    """Parse one text frame into its message dataclass, or raise a WireError subclass saying what is wrong."""
+    raw = frame.encode() if isinstance(frame, str) else bytes(frame)
+    if len(raw) > MAX_CONTROL_BYTES:
+        raise LimitExceeded(f"control message of {len(raw)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MalformedFrame(f"not a JSON message: {e}") from None
+    if not isinstance(obj, dict):
+        raise MalformedFrame("a message must be a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {obj.get('v')!r}; this peer speaks {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(obj.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {obj.get('type')!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in obj:
+            kwargs[f.name] = _check_type(obj[f.name], hints[f.name], f"{cls.TYPE}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise FieldError(f"{cls.TYPE} is missing field {f.name!r}")
+    extra = set(obj) - {"v", "type"} - {f.name for f in dataclasses.fields(cls)}
+    if extra:
+        raise FieldError(f"{cls.TYPE} has unknown fields {sorted(extra)}")
+    msg = cls(**kwargs)
+    msg.check()
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunked payloads
+
+
+def chunk_count(total_bytes: int) -> int:
+    return max(1, -(-total_bytes // CHUNK_DATA_BYTES))
+
+
+def payload_frames(transfer_id: int, kind: str, data: bytes | memoryview, meta: dict | None = None):
+    """The PayloadHeader for `data` and its chunk frames (a generator: memory stays at one chunk)."""
+    view = memoryview(data).cast("B")
+    header = PayloadHeader(transfer_id, kind, len(view), chunk_count(len(view)), hashlib.sha256(view).hexdigest(),
+                           dict(meta or {}))
+    header.check()
+
+    def chunks():
+        for i in range(header.num_chunks):
+            part = view[i * CHUNK_DATA_BYTES : (i + 1) * CHUNK_DATA_BYTES]
+            yield CHUNK_HEADER.pack(CHUNK_MAGIC, transfer_id, i) + part.tobytes()
+
+    return header, chunks()
+
+
+def parse_chunk(frame: bytes | memoryview) -> tuple[int, int, memoryview]:
+    """(transfer_id, index, data) of one binary frame; raises MalformedFrame or LimitExceeded."""
+    view = memoryview(frame).cast("B")
+    if len(view) > MAX_MESSAGE_BYTES:
+        raise LimitExceeded(f"binary frame of {len(view)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(view) < CHUNK_HEADER.size:
+        raise MalformedFrame(f"binary frame of {len(view)} bytes is shorter than a chunk header")
+    magic, transfer_id, index = CHUNK_HEADER.unpack_from(view)
+    if magic != CHUNK_MAGIC:
+        raise MalformedFrame(f"bad chunk magic {bytes(magic)!r}")
+    return transfer_id, index, view[CHUNK_HEADER.size :]
+
+
+class _Transfer:
+    def __init__(self, header: PayloadHeader):
+        self.header = header
+        self.buffer = bytearray(header.total_bytes)
+        self.seen = bytearray(header.num_chunks)
+        self.received = 0
+
+
+class PayloadAssembler:
+    """Reassembles chunked payloads on one link, checking every chunk against its header.
+
+    `max_bytes` bounds what this receiver accepts (e.g. the model size it expects), so a peer cannot make it
+    allocate more. A failed transfer is dropped whole; other transfers on the link are unaffected.
+    """
+
+    def __init__(self, max_bytes: int = MAX_PAYLOAD_BYTES, max_in_flight: int = MAX_TRANSFERS_IN_FLIGHT):
+        self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self._transfers: dict[int, _Transfer] = {}
+
+    def begin(self, header: PayloadHeader) -> None:
+        header.check()
+        if header.total_bytes > self.max_bytes:
+            raise LimitExceeded(f"payload of {header.total_bytes} bytes exceeds this receiver's {self.max_bytes}")
+        if header.transfer_id in self._transfers:
+            raise FieldError(f"transfer {header.transfer_id} is already in progress")
+        if len(self._transfers) >= self.max_in_flight:
+            raise LimitExceeded(f"more than {self.max_in_flight} transfers in flight")
+        self._transfers[header.transfer_id] = _Transfer(header)
+
+    def add_chunk(self, frame: bytes | memoryview) -> tuple[PayloadHeader, bytes] | None:
+        """Take one chunk frame; returns (header, payload) when the payload is complete and its sha256 matches."""
+        transfer_id, index, data = parse_chunk(frame)
+        t = self._transfers.get(transfer_id)
+        if t is None:
+            raise FieldError(f"chunk for unknown transfer {transfer_id}")
+        try:
+            n = t.header.num_chunks
+            if index >= n:
+                raise FieldError(f"chunk index {index} out of range for {n} chunks")
+            if t.seen[index]:
+                raise FieldError(f"duplicate chunk {index} of transfer {transfer_id}")
+            start = index * CHUNK_DATA_BYTES
+            expected = min(CHUNK_DATA_BYTES, t.header.total_bytes - start)
+            if len(data) != expected:
+                raise FieldError(f"chunk {index} has {len(data)} bytes, expected {expected}")
+        except WireError:
+            del self._transfers[transfer_id]
+            raise
+        t.buffer[start : start + expected] = data
+        t.seen[index] = 1
+        t.received += 1
+        if t.received < n:
+            return None
+        del self._transfers[transfer_id]
+        if hashlib.sha256(t.buffer).hexdigest() != t.header.sha256:
+            raise ChecksumMismatch(f"payload {transfer_id} does not match its sha256")
+        return t.header, bytes(t.buffer)
+
+    def abort(self, transfer_id: int) -> None:
+        self._transfers.pop(transfer_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._transfers)
