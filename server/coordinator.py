@@ -450,7 +450,8 @@ class Coordinator:
             "coordinator_id": self.key.node_id,
             "job": self.job.describe(),
             "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
-                         "tokens": r.tokens, "bytes": r.bytes_received, "closed_at": r.closed_at} for r in rounds],
+                         "tokens": r.tokens, "bytes": r.bytes_received, "model_hash": r.model_hash,
+                         "closed_at": r.closed_at} for r in rounds],
             "nodes": nodes,
         }
 

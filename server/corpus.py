@@ -68,16 +68,18 @@ def load_corpus(path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYT
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in {".txt", ".md", ".py", ".rst"})
         name = str(root)
     train, val = bytearray(), bytearray()
-    budget = max_bytes
+    val_budget = max(max_bytes // VALIDATION_EVERY, 1024)
+    train_budget = max_bytes - val_budget
     for f in files:
-        if budget <= 0:
+        if len(train) >= train_budget and len(val) >= val_budget:
             break
+        part, budget = (val, val_budget) if _is_validation(str(f.relative_to(root))) else (train, train_budget)
+        if len(part) >= budget:
+            continue
         try:
-            data = f.read_bytes()[:budget]
+            part.extend(f.read_bytes()[: budget - len(part)])
         except OSError:
             continue  # an unreadable file in a corpus directory is skipped, not fatal
-        budget -= len(data)
-        (val if _is_validation(str(f.relative_to(root))) else train).extend(data)
     if len(train) < min_bytes or len(val) < 1024:
         raise CorpusError(f"corpus {name} is too small: {len(train)} train and {len(val)} validation bytes")
     return Corpus(name, bytes(train), bytes(val))

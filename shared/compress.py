@@ -1,0 +1,281 @@
+"""Codecs for pseudo-gradients on the wire: the codec id and its parameters travel with every update.
+
+Reference implementations in plain Python (array/struct); the trainer encodes with torch and the coordinator
+decodes with numpy (server/codecs.py), and tests prove they agree byte for byte. Never trust a length from
+the wire without checking it against the codec's own arithmetic, and never allocate more than spec and n allow.
+
+Every codec encodes n float32 values; everything on the wire is little-endian. The codecs:
+
+fp32  {}                     4n bytes: the values as float32.
+fp16  {}                     2n bytes: IEEE half precision, rounded to nearest, ties to even. A value whose
+                             rounding overflows half precision (|x| >= 65520) raises CodecError.
+int8  {"block": B}           Blockwise absmax quantization, B = 256 by default (1 <= B <= MAX_INT8_BLOCK).
+                             Values are cut into ceil(n / B) blocks of B (the last may be shorter). Per block,
+                             all arithmetic in float32, each operation correctly rounded (round to nearest even):
+                                 scale = max_j |x_j| / 127
+                                 q_j   = 0                                  if scale == 0
+                                         clamp(round_half_away(x_j / scale), -127, 127)   otherwise
+                             where x_j / scale is rounded to float32 before round_half_away (2.5 -> 3, -2.5 -> -3).
+                             scale is 0 when the block is all zeros (or its max underflows when divided by 127).
+                             Wire: the ceil(n / B) float32 scales first, then the n int8 q's:
+                             4 * ceil(n / B) + n bytes. Decoding gives q_j * scale, a float32 product.
+                             kernels/quant.py implements this same rule in WGSL for the browser; this
+                             docstring is the spec both follow, and a test proves they agree byte for byte.
+                             Note WGSL's f32 `/` may be off by 2.5 ulp: the kernel must divide exactly.
+topk  {"k": K} or            The k values of largest |x|, ties to the lower index, with
+      {"fraction": F}        k = min(n, K), or k = min(n, max(1, floor(F * n + 0.5))) with F * n in IEEE
+                             double and 0 < F <= 1; k = 0 when n = 0. Wire: uint32 count (must equal k),
+                             k uint32 indices strictly ascending and < n, then the k float32 values:
+                             4 + 8k bytes. Positions not sent decode to 0. The encoder keeps what it did
+                             not send (ErrorFeedback) and adds it to the next round's values.
+
+Encoders reject NaN and infinity (CodecError). Decoders return what the bytes say; the coordinator's
+aggregation rejects non-finite updates before aggregating.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+import sys
+from array import array
+from dataclasses import dataclass, field
+
+DEFAULT_INT8_BLOCK = 256
+MAX_INT8_BLOCK = 1 << 20
+"""A block longer than this buys nothing (one scale per MiB of values is already free) and hides mistakes."""
+
+INT8_LEVELS = 127
+"""q ranges over [-127, 127]; -128 never comes out of the encoder, so a decoder that sees it rejects the payload."""
+
+FP16_MAX = 65504.0
+
+
+class CodecError(ValueError):
+    """Encoded bytes do not fit the declared codec, parameters or element count."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """Which codec, with which parameters: what an Update declares about its payload."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecSpec":
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise CodecError(f"codec spec must be an object with a string 'name', got {d!r}")
+        params = d.get("params", {})
+        if not isinstance(params, dict):
+            raise CodecError("codec params must be an object")
+        return cls(d["name"], params)
+
+
+CODECS = ("fp32", "fp16", "int8", "topk")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_n(n: int) -> None:
+    if not _is_int(n) or n < 0:
+        raise CodecError(f"element count must be a non-negative integer, got {n!r}")
+
+
+def int8_block(spec: CodecSpec) -> int:
+    """The int8 codec's block size B, after checking the spec's params."""
+    unknown = set(spec.params) - {"block"}
+    if unknown:
+        raise CodecError(f"int8 takes only 'block', got {sorted(unknown)}")
+    block = spec.params.get("block", DEFAULT_INT8_BLOCK)
+    if not _is_int(block) or not 1 <= block <= MAX_INT8_BLOCK:
+        raise CodecError(f"int8 block must be an integer in [1, {MAX_INT8_BLOCK}], got {block!r}")
+    return block
+
+
+def topk_count(spec: CodecSpec, n: int) -> int:
+    """The k that the topk codec keeps of n values, after checking the spec's params."""
+    _check_n(n)
+    if set(spec.params) not in ({"k"}, {"fraction"}):
+        raise CodecError(f"topk takes exactly one of 'k' or 'fraction', got {sorted(spec.params)}")
+    if "k" in spec.params:
+        k = spec.params["k"]
+        if not _is_int(k) or k < 1:
+            raise CodecError(f"topk k must be a positive integer, got {k!r}")
+        return min(n, k)
+    fraction = spec.params["fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise CodecError(f"topk fraction must be in (0, 1], got {fraction!r}")
+    if n == 0:
+        return 0
+    # floor(x + 0.5) rather than round(): Python rounds halves to even, JavaScript's Math.round up.
+    return min(n, max(1, math.floor(fraction * n + 0.5)))
+
+
+def _no_params(spec: CodecSpec) -> None:
+    if spec.params:
+        raise CodecError(f"{spec.name} takes no params, got {sorted(spec.params)}")
+
+
+def encoded_size(spec: CodecSpec, n: int) -> int:
+    """Exact bytes that `n` values take under `spec`; lets a decoder reject a payload before reading it."""
+    _check_n(n)
+    if spec.name == "fp32":
+        _no_params(spec)
+        return 4 * n
+    if spec.name == "fp16":
+        _no_params(spec)
+        return 2 * n
+    if spec.name == "int8":
+        return 4 * -(-n // int8_block(spec)) + n
+    if spec.name == "topk":
+        return 4 + 8 * topk_count(spec, n)
+    raise CodecError(f"unknown codec {spec.name!r}; known: {', '.join(CODECS)}")
+
+
+def _f32(values) -> array:
+    """Values as array('f'), rejecting NaN and infinity."""
+    a = values if isinstance(values, array) and values.typecode == "f" else array("f", values)
+    for i, x in enumerate(a):
+        if not math.isfinite(x):
+            raise CodecError(f"value {i} is {x}; only finite values can be encoded")
+    return a
+
+
+def _le(a: array) -> bytes:
+    if sys.byteorder != "little":
+        a = array(a.typecode, a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _from_le(typecode: str, data: bytes) -> array:
+    a = array(typecode)
+    a.frombytes(data)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def _round_half_away(x: float) -> int:
+    return int(math.copysign(math.floor(abs(x) + 0.5), x))
+
+
+def _int8_encode(values: array, block: int) -> bytes:
+    n = len(values)
+    scales = array("f")
+    q = array("b")
+    for start in range(0, n, block):
+        chunk = values[start : start + block]
+        scale = array("f", [max(abs(x) for x in chunk) / INT8_LEVELS])[0]
+        scales.append(scale)
+        if scale == 0:
+            q.extend([0] * len(chunk))
+            continue
+        # The quotient is rounded to float32 before rounding to an integer, as a float32 kernel does.
+        quotients = array("f", [x / scale for x in chunk])
+        q.extend(max(-INT8_LEVELS, min(INT8_LEVELS, _round_half_away(x))) for x in quotients)
+    return _le(scales) + q.tobytes()
+
+
+def _topk_indices(values: array, k: int) -> list[int]:
+    return sorted(heapq.nsmallest(k, range(len(values)), key=lambda i: (-abs(values[i]), i)))
+
+
+def encode(spec: CodecSpec, values) -> bytes:
+    """Encode float32 values (any sequence of floats, array('f') or float32 memoryview) into wire bytes.
+
+    Raises CodecError for an unknown codec, bad params, non-finite values or fp16 overflow.
+    """
+    a = _f32(values)
+    n = len(a)
+    if spec.name == "fp32":
+        _no_params(spec)
+        return _le(a)
+    if spec.name == "fp16":
+        _no_params(spec)
+        try:
+            return struct.pack(f"<{n}e", *a)
+        except OverflowError:
+            raise CodecError(f"a value exceeds half precision's range (|x| <= {FP16_MAX}); use fp32 or int8") from None
+    if spec.name == "int8":
+        return _int8_encode(a, int8_block(spec))
+    if spec.name == "topk":
+        indices = _topk_indices(a, topk_count(spec, n))
+        return struct.pack("<I", len(indices)) + _le(array("I", indices)) + _le(array("f", (a[i] for i in indices)))
+    raise CodecError(f"unknown codec {spec.name!r}; known: {', '.join(CODECS)}")
+
+
+def decode(spec: CodecSpec, data: bytes, n: int) -> array:
+    """Decode wire bytes of `n` values into array('f').
+
+    Raises CodecError when the length does not match the codec, or the payload breaks the codec's rules
+    (a negative or non-finite int8 scale, an int8 q of -128, a topk count other than k, topk indices out
+    of range or not strictly ascending).
+    """
+    expected = encoded_size(spec, n)
+    if len(data) != expected:
+        raise CodecError(f"{spec.name} payload of {n} values must be {expected} bytes, got {len(data)}")
+    data = bytes(data)
+    if spec.name == "fp32":
+        return _from_le("f", data)
+    if spec.name == "fp16":
+        return array("f", struct.unpack(f"<{n}e", data))
+    if spec.name == "int8":
+        block = int8_block(spec)
+        blocks = -(-n // block)
+        scales = _from_le("f", data[: 4 * blocks])
+        for b, scale in enumerate(scales):
+            if not (math.isfinite(scale) and scale >= 0):
+                raise CodecError(f"int8 block {b} has scale {scale}; scales are finite and >= 0")
+        q = array("b", data[4 * blocks :])
+        out = array("f", bytes(4 * n))
+        for j, level in enumerate(q):
+            if level < -INT8_LEVELS:
+                raise CodecError(f"int8 value {j} is {level}; levels run from -127 to 127")
+            out[j] = level * scales[j // block]
+        return out
+    if spec.name == "topk":
+        k = topk_count(spec, n)
+        (count,) = struct.unpack_from("<I", data)
+        if count != k:
+            raise CodecError(f"topk payload says {count} values, but k is {k} for n = {n}")
+        indices = _from_le("I", data[4 : 4 + 4 * k])
+        previous = -1
+        for index in indices:
+            if index >= n or index <= previous:
+                raise CodecError(f"topk index {index} is out of range [0, {n}) or not strictly ascending")
+            previous = index
+        out = array("f", bytes(4 * n))
+        for index, value in zip(indices, _from_le("f", data[4 + 4 * k :])):
+            out[index] = value
+        return out
+    raise CodecError(f"unknown codec {spec.name!r}")
+
+
+class ErrorFeedback:
+    """The encoder's memory of what compression lost (Seide et al. 2014; Karimireddy et al. 2019).
+
+    Each round it sends encode(values + residual) and keeps residual = (values + residual) - decoded,
+    all in float32, so that nothing a lossy codec drops is lost for good. One per worker and model.
+    """
+
+    def __init__(self, n: int):
+        _check_n(n)
+        self.residual = array("f", bytes(4 * n))
+
+    def encode(self, spec: CodecSpec, values) -> bytes:
+        a = _f32(values)
+        if len(a) != len(self.residual):
+            raise CodecError(f"error feedback holds {len(self.residual)} values, got {len(a)}")
+        corrected = array("f", (x + r for x, r in zip(a, self.residual)))
+        data = encode(spec, corrected)
+        sent = decode(spec, data, len(a))
+        self.residual = array("f", (x - y for x, y in zip(corrected, sent)))
+        return data

@@ -1,0 +1,138 @@
+"""Shared fixtures: real coordinator and trainer processes on loopback, and the network-namespace guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def only_loopback_interfaces() -> bool:
+    """True inside a loopback-only network namespace (what `./dev test` runs the suite in)."""
+    return {name for _, name in socket.if_nameindex()} <= {"lo"}  # this process's namespace, unlike /sys
+
+
+@pytest.fixture
+def loopback_namespace():
+    """WebRTC tests gather ICE candidates; they must run where no interface but `lo` exists."""
+    if not only_loopback_interfaces():
+        pytest.fail("this test opens WebRTC connections and must run in a loopback-only network namespace: "
+                    "run it through `./dev test` (or `unshare -n sh -c 'ip link set lo up && pytest ...'`)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose output goes to a log file, shown when a test fails."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+class Coordinator(Process):
+    def __init__(self, tmp: Path, data_dir: Path, *extra: str, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        super().__init__(["-m", "server", "--port", str(self.port), "--data-dir", str(data_dir), *extra],
+                         tmp / f"coordinator-{self.port}-{time.monotonic_ns()}.log")
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/api/status", timeout=5) as r:
+            return json.load(r)
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"coordinator exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                return self.status()
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"coordinator not ready after {timeout}s:\n{self.output()}")
+
+    def wait_for(self, predicate, timeout: float, what: str) -> dict:
+        deadline = time.time() + timeout
+        status = None
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"coordinator exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                status = self.status()
+                if predicate(status):
+                    return status
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; last status {status}\n{self.output()[-4000:]}")
+
+
+@pytest.fixture
+def processes(tmp_path, request):
+    """Start processes through this; all are stopped after the test, and their logs printed if it failed."""
+    started: list[Process] = []
+
+    class Factory:
+        def coordinator(self, *extra: str, data_dir: Path | None = None, port: int | None = None) -> Coordinator:
+            c = Coordinator(tmp_path, data_dir or tmp_path / "data", *extra, port=port)
+            started.append(c)
+            return c
+
+        def trainer(self, coordinator_url: str, *extra: str) -> Process:
+            p = Process(["-m", "server", "trainer", "--coordinator", coordinator_url, "--no-progress", *extra],
+                        tmp_path / f"trainer-{len(started)}.log")
+            started.append(p)
+            return p
+
+    yield Factory()
+    for p in started:
+        p.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        for p in started:
+            print(f"==== {p.log_path.name}\n{p.output()[-6000:]}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

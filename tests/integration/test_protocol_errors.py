@@ -1,0 +1,151 @@
+"""A real coordinator process, spoken to by a hand-driven client over the WebSocket path: bad input gets typed
+errors, and a rejected update changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import websockets
+
+from server.keys import NodeKey
+from shared.identity import signing_bytes
+from shared.wire import (Challenge, Error, Hello, ModelRequest, PathSelect, PayloadAssembler, PayloadHeader,
+                         RoundOpen, Update, UpdateResult, Welcome, decode_message, payload_frames)
+
+
+class Client:
+    """The protocol by hand: only shared/ and a key, so each step can be bent out of shape."""
+
+    def __init__(self, ws, key: NodeKey):
+        self.ws, self.key = ws, key
+        self.assembler = PayloadAssembler()
+
+    @classmethod
+    async def join(cls, url: str, key: NodeKey | None = None) -> "Client":
+        ws = await websockets.connect(url.replace("http", "ws") + "/ws", max_size=1 << 20)
+        client = cls(ws, key or NodeKey())
+        challenge = decode_message(await ws.recv())
+        assert isinstance(challenge, Challenge)
+        client.coordinator_id = challenge.coordinator_id
+        hello = Hello(client.key.node_id, "trainer", challenge.nonce, "0" * 128, "test client")
+        hello = Hello(**{**hello.__dict__, "signature": client.key.sign(signing_bytes("hello", hello.signing_fields()))})
+        await ws.send(hello.encode())
+        assert isinstance(decode_message(await ws.recv()), Welcome)
+        await ws.send(PathSelect("websocket").encode())
+        return client
+
+    async def receive(self, kind, timeout: float = 30):
+        while True:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            if isinstance(frame, bytes):
+                done = self.assembler.add_chunk(frame)
+                if done is not None and kind is tuple:
+                    return done
+                continue
+            msg = decode_message(frame)
+            if isinstance(msg, PayloadHeader):
+                self.assembler.begin(msg)
+            elif isinstance(msg, kind):
+                return msg
+
+    async def model(self, assignment: RoundOpen) -> np.ndarray:
+        await self.ws.send(ModelRequest(assignment.round, assignment.model_hash).encode())
+        header, data = await self.receive(tuple)
+        assert header.sha256 == assignment.model_hash
+        return np.frombuffer(data, "<f4")
+
+    async def send_update(self, assignment: RoundOpen, values: np.ndarray, signer: NodeKey | None = None,
+                          num_values: int | None = None) -> UpdateResult:
+        data = np.ascontiguousarray(values, "<f4").tobytes()
+        header, chunks = payload_frames(1, "update", data)
+        u = Update(self.key.node_id, assignment.round, assignment.model_hash, 1000, 1, 3.0, 2.0,
+                   {"name": "fp32", "params": {}}, num_values or values.size, header.transfer_id, header.sha256,
+                   header.total_bytes, "0" * 128)
+        u = Update(**{**u.__dict__, "signature": (signer or self.key).sign(signing_bytes("update", u.signing_fields()))})
+        await self.ws.send(u.encode())
+        await self.ws.send(header.encode())
+        for c in chunks:
+            await self.ws.send(c)
+        return await self.receive(UpdateResult)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+@pytest.fixture
+def coordinator(processes):
+    c = processes.coordinator("--round-deadline", "600")
+    c.wait_ready()
+    return c
+
+
+def test_a_hello_signed_by_another_key_is_refused(coordinator):
+    async def scenario():
+        async with websockets.connect(coordinator.url.replace("http", "ws") + "/ws") as ws:
+            challenge = decode_message(await ws.recv())
+            claimed, signer = NodeKey(), NodeKey()
+            hello = Hello(claimed.node_id, "trainer", challenge.nonce, "0" * 128)
+            hello = Hello(**{**hello.__dict__, "signature": signer.sign(signing_bytes("hello", hello.signing_fields()))})
+            await ws.send(hello.encode())
+            return decode_message(await ws.recv())
+
+    error = run(scenario())
+    assert isinstance(error, Error) and error.code == "auth" and error.fatal
+    assert coordinator.status()["nodes"] == []
+
+
+def test_a_malformed_frame_gets_a_typed_error_and_closes_the_socket(coordinator):
+    async def scenario():
+        client = await Client.join(coordinator.url)
+        await client.receive(RoundOpen)
+        await client.ws.send(json.dumps({"v": 1, "type": "update", "round": "three"}))
+        error = await client.receive(Error)
+        with pytest.raises(websockets.exceptions.ConnectionClosed):
+            await asyncio.wait_for(client.ws.recv(), 10)
+        return error
+
+    error = run(scenario())
+    assert error.code == "bad_field" and "update" in error.message
+
+
+@pytest.mark.parametrize("bend, rule", [
+    ("nan", "finite"),
+    ("huge", "norm_bound"),
+    ("short", "shape"),
+    ("forged", "signature"),
+])
+def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator, bend, rule):
+    async def scenario():
+        client = await Client.join(coordinator.url)
+        assignment = await client.receive(RoundOpen)
+        params = await client.model(assignment)
+        values = np.full(params.size, 1e-3, np.float32)
+        if bend == "nan":
+            values[123] = np.nan
+            verdict = await client.send_update(assignment, values)
+        elif bend == "huge":
+            verdict = await client.send_update(assignment, values * 1e9)
+        elif bend == "short":
+            verdict = await client.send_update(assignment, values[:-1])
+        else:
+            verdict = await client.send_update(assignment, values, signer=NodeKey())
+        before = coordinator.status()
+        # the rejection used up this node's turn; a second node's good update alone closes the round
+        other = await Client.join(coordinator.url)
+        second = await other.receive(RoundOpen)
+        good = await other.send_update(second, np.full(params.size, 1e-3, np.float32))
+        next_round = await other.receive(RoundOpen)
+        return verdict, before, good, params, await other.model(next_round)
+
+    verdict, before, good, params, new_params = run(scenario())
+    assert verdict.accepted is False and verdict.rule == rule
+    assert before["round"] == 0 and before["model_hash"] == before["history"][0]["model_hash"]
+    assert good.accepted is True
+    # outer Nesterov's first step on the good update alone: theta - lr * (1 + momentum) * g
+    np.testing.assert_allclose(new_params, params - 0.7 * 1.9 * 1e-3, atol=1e-6)
+    after = coordinator.status()
+    assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == 1

@@ -1,0 +1,70 @@
+"""Real processes: a coordinator and PyTorch trainers over aiortc data channels, in a loopback-only namespace."""
+
+from __future__ import annotations
+
+import sqlite3
+
+TRAIN_ARGS = ("--inner-steps", "6", "--batch-size", "8", "--round-deadline", "90")
+
+
+def test_two_trainers_train_tiny_together_over_webrtc(processes, loopback_namespace):
+    coordinator = processes.coordinator(*TRAIN_ARGS, "--rounds", "3")
+    initial = coordinator.wait_ready()
+    assert initial["round"] == 0 and initial["job"]["model"] == "tiny"
+    trainers = [processes.trainer(coordinator.url), processes.trainer(coordinator.url)]
+
+    live = coordinator.wait_for(lambda s: len([n for n in s["nodes"] if n["path"] == "webrtc"]) == 2, 120,
+                                "both trainers on a WebRTC data channel")
+    assert {n["kind"] for n in live["nodes"]} == {"trainer"}
+
+    final = coordinator.wait_for(lambda s: s["state"] == "finished", 300, "3 committed rounds")
+    history = final["history"]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.5, history
+    assert all(h["accepted"] >= 1 and h["rejected"] == 0 for h in history[1:]), history
+    assert len(final["nodes"]) == 2
+    assert all(n["updates_accepted"] >= 2 for n in final["nodes"]), final["nodes"]
+    # the job's end sends every trainer a goodbye: they leave cleanly
+    assert [t.wait(60) for t in trainers] == [0, 0]
+
+
+def test_trainer_leaves_after_max_rounds(processes, loopback_namespace):
+    coordinator = processes.coordinator(*TRAIN_ARGS)
+    coordinator.wait_ready()
+    trainer = processes.trainer(coordinator.url, "--max-rounds", "2")
+    assert trainer.wait(240) == 0, trainer.output()
+    status = coordinator.wait_for(lambda s: s["round"] >= 2, 60, "two rounds")
+    (node,) = status["nodes"]
+    assert node["updates_accepted"] == 2
+    assert node["state"] == "offline"
+
+
+def test_killed_coordinator_resumes_at_the_next_round(processes, loopback_namespace, tmp_path):
+    data_dir = tmp_path / "data"
+    first = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir)
+    first.wait_ready()
+    trainers = [processes.trainer(first.url), processes.trainer(first.url)]
+    first.wait_for(lambda s: s["round"] >= 1, 240, "a committed round")
+    first.kill()  # SIGKILL: no shutdown code runs
+
+    with sqlite3.connect(data_dir / "state.db") as db:
+        committed, committed_hash = db.execute("SELECT round, model_hash FROM rounds ORDER BY round DESC").fetchone()
+    assert committed >= 1
+
+    second = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, port=first.port)
+    resumed = second.wait_ready()
+    assert resumed["round"] == committed
+    assert resumed["model_hash"] == committed_hash  # the checkpoint of the last committed round is loaded
+
+    status = second.wait_for(lambda s: s["round"] >= committed + 2, 300, "two more rounds after the restart")
+    rounds = [h["round"] for h in status["history"]]
+    assert rounds == list(range(len(rounds))), rounds  # no lost and no repeated round
+    after = [h for h in status["history"] if h["round"] > committed]
+    assert all(h["accepted"] >= 1 for h in after)
+    # the same two trainers (same keys) reconnected and kept contributing
+    assert len(status["nodes"]) == 2
+    with sqlite3.connect(data_dir / "state.db") as db:
+        contributors = {r[0] for r in db.execute("SELECT node_id FROM updates WHERE round >= ? AND accepted = 1",
+                                                  (committed,))}
+    assert len(contributors) == 2
+    assert all(t.proc.poll() is None for t in trainers)
