@@ -18,7 +18,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from server.bundle import BundleCache, bundle_endpoint
 from server.coordinator import Coordinator
+from shared.governance import Proposal, Vote
 from server.signaling import SignalingServer
 
 log = logging.getLogger("swarmgrad.app")
@@ -36,6 +38,36 @@ def create_app(coordinator: Coordinator) -> Starlette:
 
     async def status(request: Request) -> Response:
         return JSONResponse(coordinator.status())
+
+    async def governance(request: Request) -> Response:
+        return JSONResponse(coordinator.governor.describe())
+
+    async def submit(request: Request, kind: str) -> Response:
+        """POST a signed proposal or vote (JSON of shared.governance.Proposal / Vote, signature included)."""
+        try:
+            body = await request.json()
+            if kind == "proposal":
+                result = coordinator.governor.propose(Proposal.from_dict(body))
+            else:
+                coordinator.governor.vote(Vote.from_dict(body))
+                result = {"recorded": True}
+        except (ValueError, KeyError, TypeError) as e:  # GovernanceError is a ValueError; bad JSON too
+            return JSONResponse({"error": f"{kind} refused: {e}"}, status_code=400)
+        return JSONResponse(result, status_code=201)
+
+    async def proposals(request: Request) -> Response:
+        return await submit(request, "proposal")
+
+    async def votes(request: Request) -> Response:
+        return await submit(request, "vote")
+
+    async def ledger(request: Request) -> Response:
+        node = request.query_params.get("node")
+        entries = coordinator.store.ledger_entries()
+        if node:
+            entries = [e for e in entries if e["node"] == node]
+        return JSONResponse({"balances": coordinator.store.balances(), "head": coordinator.governor.ledger.head,
+                             "entries": entries[-int(request.query_params.get("limit", 200)):]})
 
     async def shard(request: Request) -> Response:
         try:
@@ -65,6 +97,11 @@ def create_app(coordinator: Coordinator) -> Starlette:
         Route("/", index),
         Route("/api/status", status),
         Route("/api/shards/{index}", shard),
+        Route("/api/governance", governance),
+        Route("/api/governance/proposals", proposals, methods=["POST"]),
+        Route("/api/governance/votes", votes, methods=["POST"]),
+        Route("/api/ledger", ledger),
+        Route("/bundle.zip", bundle_endpoint(BundleCache())),
         WebSocketRoute("/ws", signaling.endpoint),
         Mount("/static", StaticFiles(directory=BROWSER_DIR), name="static"),
     ]

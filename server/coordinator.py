@@ -17,23 +17,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server import aggregation
 from server.checkpoint import Checkpoint, checkpoint_path, model_hash, read_checkpoint, write_checkpoint
 from server.corpus import Corpus
+from server.codecs import decode_numpy
+from server.governor import Governor, InsufficientFunds, UpdateOutcome
 from server.keys import NodeKey, SignatureError, verify
 from server.link import Link, LinkClosed
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
 from server.store import RoundRecord, Store, UpdateRecord
 from server.training import evaluate, validation_batches
 from shared import compress
+from shared.agent import CoordinatorObservation, CoordinatorPolicy, NodeReport, standing
+from shared.aggregate import AggregationError
+from shared.rewards import quality_to_ppm
 from shared.diloco import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM
 from shared.identity import signing_bytes
 from shared.model import model_config, num_parameters
-from shared.wire import Bye, Message, ModelRequest, PayloadHeader, RoundClosed, RoundOpen, Update, UpdateResult
+from shared.wire import (Bye, Error, Message, ModelRequest, PayloadHeader, Receipt, RoundClosed, RoundOpen, Update,
+                         UpdateResult)
 
 log = logging.getLogger("swarmgrad.coordinator")
 
 STALE_WEIGHT = 0.5  # an update computed on the previous round's model counts once, at this weight
 CHECKPOINTS_KEPT = 5
+DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of the nodes' round times
 
 
 class JobMismatch(Exception):
@@ -42,7 +50,9 @@ class JobMismatch(Exception):
 
 @dataclass(frozen=True)
 class JobConfig:
-    """One training job. Stored in the data directory on first start; a restart resumes the stored job."""
+    """One training job as the command line starts it. The model, seed and codec are fixed for the job's life;
+    the governed parameters (inner steps, learning rate, batch, aggregator, deadline, outer step) seed the job's
+    governance on first start, and from then on only votes change them."""
 
     model: str = "tiny"
     inner_steps: int = 50
@@ -54,28 +64,24 @@ class JobConfig:
     outer_lr: float = DEFAULT_OUTER_LR
     outer_momentum: float = DEFAULT_OUTER_MOMENTUM
     aggregator: str = "mean"
+    byzantine_fraction: float = 0.25  # the share of updates a robust aggregator is told to tolerate (its f)
     codec: str = "fp32"
     seed: int = 0
-    max_update_norm: float = 1e4  # a pseudo-gradient longer than this is rejected
 
     def __post_init__(self) -> None:
         model_config(self.model)  # KeyError naming the known sizes
         if self.inner_steps < 1 or self.batch_size < 1 or self.round_deadline <= 0 or self.rounds < 0:
             raise ValueError("inner_steps and batch_size must be >= 1, round_deadline > 0, rounds >= 0")
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(AGGREGATORS)}")
+        if self.aggregator not in aggregation.RULES:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
+        if self.codec not in compress.CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; known: {', '.join(compress.CODECS)}")
 
-    def round_config(self) -> dict:
-        cfg = model_config(self.model)
-        return {"inner_steps": self.inner_steps, "lr": self.lr, "weight_decay": self.weight_decay,
-                "batch_size": self.batch_size, "seq_len": cfg.block_size, "codec": {"name": self.codec, "params": {}},
-                "deadline_s": self.round_deadline}
-
-    def describe(self) -> dict:
-        cfg = model_config(self.model)
-        return {"model": self.model, "config": cfg.to_dict(), "params": num_parameters(cfg),
-                "inner_steps": self.inner_steps, "rounds": self.rounds, "aggregator": self.aggregator,
-                "codec": self.codec}
+    def governed(self) -> dict:
+        """The governed parameters, under the names governance uses."""
+        return {"inner_steps": self.inner_steps, "lr": self.lr, "batch": self.batch_size,
+                "aggregator": self.aggregator, "deadline_seconds": self.round_deadline, "outer_lr": self.outer_lr,
+                "outer_momentum": self.outer_momentum}
 
 
 @dataclass(eq=False)
@@ -105,8 +111,11 @@ class OpenRound:
     deadline: float
     assignments: dict[str, int] = field(default_factory=dict)  # node id -> shard
     reported: set[str] = field(default_factory=set)  # node ids whose update for this round was decided
+    config: dict = field(default_factory=dict)  # the round config sent to nodes
     accepted: list[tuple[np.ndarray, float, UpdateRecord]] = field(default_factory=list)
     records: list[UpdateRecord] = field(default_factory=list)
+    outcomes: dict[str, tuple] = field(default_factory=dict)  # node id -> (Decision, tokens) for the books
+    reports: list[NodeReport] = field(default_factory=list)
     bytes_received: int = 0
 
 
@@ -120,6 +129,14 @@ class Coordinator:
         self.cfg = model_config(self.job.model)
         self.n_params = num_parameters(self.cfg)
         self.codec = compress.CodecSpec(self.job.codec)
+        self.governor = Governor(self.store, self.key, self.job.governed())
+        # a generous margin over the slowest nodes' round time: a deadline only cuts stragglers, and a tight one
+        # makes every node cut its H (see TrainerPolicy), which costs more progress than waiting does
+        self.policy = CoordinatorPolicy(lambda action, params: self.governor.governance.rules.validate(action, params),
+                                        lambda: self.governor.governance.rules.bounds("round_config",
+                                                                                      "deadline_seconds"),
+                                        margin=DEADLINE_MARGIN, min_margin=DEADLINE_MARGIN, max_margin=3.0)
+        self.deadline_seconds = float(self.governor.params["deadline_seconds"])
         self.sessions: dict[str, NodeSession] = {}
         self.finished = False
         self._changed = asyncio.Event()
@@ -127,6 +144,8 @@ class Coordinator:
         self._pending_payloads: dict[tuple[str, int], PendingUpdate] = {}
         self._model = GPT(self.cfg)
         self._val_batches = validation_batches(corpus.validation, self.cfg.block_size)
+        # quality of an update: the loss change it alone makes on a held-out batch not used for validation
+        self._quality_batch = validation_batches(corpus.validation, self.cfg.block_size, num_batches=1, seed=99)
         self._shard_counter = 0
         self._resume()
 
@@ -145,9 +164,8 @@ class Coordinator:
         corpus = self.store.get_meta("corpus") or {}
         if corpus.get("sha256") != self.corpus.digest:
             log.warning("the corpus differs from the one this job started with (%s)", corpus.get("name"))
-        # operational settings may change across restarts; the model may not
-        merged = JobConfig(**{**stored, "rounds": job.rounds, "round_deadline": job.round_deadline,
-                              "inner_steps": job.inner_steps})
+        # the round count may change across restarts; governed parameters change only by vote
+        merged = JobConfig(**{**stored, "rounds": job.rounds})
         self.store.set_meta("job", asdict(merged))
         return merged
 
@@ -160,7 +178,8 @@ class Coordinator:
             ckpt = Checkpoint(0, params, None)
             path, sha = write_checkpoint(self.data_dir / "checkpoints", ckpt)
             now = time.time()
-            self.store.commit_round(RoundRecord(0, ckpt.model_hash, path.name, sha, val, 0, 0, 0, 0, now, now), [])
+            self.store.commit_round(RoundRecord(0, ckpt.model_hash, path.name, sha, val, 0, 0, 0, 0, now, now, now, ""),
+                                    [])
             last = self.store.last_round()
             log.info("initialised %s (%d parameters), validation loss %.4f", self.job.model, self.n_params, val)
         ckpt = read_checkpoint(self.data_dir / "checkpoints" / last.checkpoint, last.checkpoint_sha256)
@@ -178,15 +197,31 @@ class Coordinator:
         if last.round:
             log.info("resumed at round %d (validation loss %s)", last.round, last.val_loss)
 
+    def describe(self) -> dict:
+        """The job as nodes and users see it: the fixed model and the governed parameters in force."""
+        p = self.governor.params
+        return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
+                "inner_steps": int(p["inner_steps"]), "batch_size": int(p["batch"]), "lr": float(p["lr"]),
+                "aggregator": p["aggregator"], "codec": self.job.codec, "rounds": self.job.rounds,
+                "deadline_seconds": self.deadline_seconds}
+
     def model_signature(self, round_: int, hash_: str) -> str:
         return self.key.sign(signing_bytes("model", {"round": round_, "model_hash": hash_}))
 
     # -- sessions -----------------------------------------------------------------------------------------
 
     def admit(self, node_id: str, kind: str) -> str | None:
-        """The admission hook: None to admit, or the reason for refusing. Governance plugs in here."""
+        """The admission hook: None to admit, or the reason for refusing (the rules that blocked it)."""
         if self.finished:
             return "the job is finished"
+        if node_id in self.policy.quarantined:
+            return "quarantined: " + "; ".join(self.policy.quarantined[node_id].reasons)
+        try:
+            decision = self.governor.admit(node_id, self.round)
+        except InsufficientFunds as e:
+            return f"cannot post the stake to join: {e}"
+        if not decision.allowed:
+            return f"blocked by {', '.join(decision.blocked_by)}: {'; '.join(decision.reasons)}"
         return None
 
     def attach(self, session: NodeSession) -> None:
@@ -230,8 +265,8 @@ class Coordinator:
             shard = self._shard_counter % self.corpus.num_shards
             self._shard_counter += 1
             rnd.assignments[session.node_id] = shard
-        msg = RoundOpen(rnd.round, self.model_hash, self.model_signature(rnd.round, self.model_hash),
-                        self.job.round_config(), shard, rnd.deadline)
+        msg = RoundOpen(rnd.round, self.model_hash, self.model_signature(rnd.round, self.model_hash), rnd.config,
+                        shard, rnd.deadline)
         if await self._send(session, msg):
             session.state = "training"
 
@@ -260,23 +295,21 @@ class Coordinator:
             self.detach(session)
 
     def _early_rejection(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
-        """(rule, reason) if the update cannot be accepted whatever its payload holds; checked before the bytes."""
+        """(rule, reason) when the update breaks the protocol itself (identity, signature, encoding, unknown
+        model); checked before its bytes arrive. What the rules decide is checked on the bytes (_decide)."""
         if u.node_id != session.node_id:
             return "identity", "update signed for another node id"
         try:
             verify(u.node_id, signing_bytes("update", u.signing_fields()), u.signature)
         except SignatureError as e:
             return "signature", str(e)
-        rnd = self._open
-        current = rnd.round if rnd else self.round
-        if u.round == current and u.model_hash == self.model_hash:
-            pass
-        elif u.round == current - 1 and u.model_hash == self.previous_hash:
-            pass  # stale by one round: accepted once, discounted
-        else:
-            return "staleness", f"update for round {u.round} is too old or names an unknown model"
-        if rnd is None or session.node_id in rnd.reported:
-            return "one_update_per_round", "this node already sent an update for this round"
+        if self._open is None:
+            return "no_round", "no round is open"
+        known = {self._open.round: self.model_hash, self._open.round - 1: self.previous_hash}
+        if u.round in known and u.model_hash != known[u.round]:
+            return "model_hash", f"update for round {u.round} names another model than that round's"
+        if u.round > self._open.round:
+            return "model_hash", f"round {u.round} has not opened"
         if u.num_values != self.n_params:
             return "shape", f"update has {u.num_values} values, the model has {self.n_params}"
         try:
@@ -305,30 +338,39 @@ class Coordinator:
             await self._reject(session, u, "integrity", "payload does not match the signed update")
             return
         rnd = self._open
-        if rnd is None or session.node_id in rnd.reported:
-            await self._reject(session, u, "one_update_per_round", "this node already sent an update for this round")
+        if rnd is None:
+            await self._reject(session, u, "no_round", "no round is open")
             return
         try:
-            values = decode_update(compress.CodecSpec.from_dict(u.codec), data, u.num_values)
+            values = decode_numpy(compress.CodecSpec.from_dict(u.codec), data, u.num_values)
         except compress.CodecError as e:
             await self._reject(session, u, "codec", str(e))
             return
-        if not np.isfinite(values).all():
-            await self._reject(session, u, "finite", "pseudo-gradient has NaN or infinite values")
-            return
-        norm = float(np.linalg.norm(values.astype(np.float64)))
-        if norm > self.job.max_update_norm:
-            await self._reject(session, u, "norm_bound", f"norm {norm:.3g} exceeds {self.job.max_update_norm:.3g}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = float(np.linalg.norm(values.astype(np.float64)))
+        decision = self.governor.check_update(rnd.round, u.node_id, {
+            "pseudo_gradient_norm": norm, "loss": u.loss_last, "numel": int(values.size),
+            "expected_numel": self.n_params, "updates_this_round": int(session.node_id in rnd.reported),
+            "staleness": rnd.round - u.round, "tokens": u.tokens})
+        if not decision.allowed:
+            if session.node_id not in rnd.outcomes:
+                rnd.outcomes[session.node_id] = (decision, u.tokens)
+            await self._reject(session, u, ",".join(decision.blocked_by), "; ".join(decision.reasons))
             return
         record = self._record(u, True, "", len(data), pending.weight)
         rnd.accepted.append((values, pending.weight, record))
         rnd.records.append(record)
         rnd.reported.add(session.node_id)
+        rnd.outcomes[session.node_id] = (decision, u.tokens)
         rnd.bytes_received += len(data)
+        received = time.time()
+        rnd.reports.append(NodeReport(u.node_id, u.inner_steps, int(rnd.config["batch_size"]), u.seconds,
+                                      max(0.0, received - rnd.opened_at - u.seconds), received <= rnd.deadline))
         session.state = "submitted"
         await self._send(session, UpdateResult(u.round, True))
-        log.info("round %d: accepted update from %s (%s, %d tokens, loss %.3f -> %.3f, %d bytes)", rnd.round,
-                 session.node_id[:12], session.kind, u.tokens, u.loss_first, u.loss_last, len(data))
+        log.info("round %d: accepted update from %s (%s, H=%d, %d tokens, loss %.3f -> %.3f, norm %.3g, %d bytes)",
+                 rnd.round, session.node_id[:12], session.kind, u.inner_steps, u.tokens, u.loss_first, u.loss_last,
+                 norm, len(data))
         self._changed.set()
 
     def _record(self, u: Update, accepted: bool, reason: str, nbytes: int, weight: float) -> UpdateRecord:
@@ -338,7 +380,7 @@ class Coordinator:
     async def _reject(self, session: NodeSession, u: Update, rule: str, reason: str) -> None:
         log.warning("round %d: rejected update from %s: [%s] %s", u.round, session.node_id[:12], rule, reason)
         rnd = self._open
-        if rnd is not None and rule != "one_update_per_round":
+        if rnd is not None and session.node_id not in rnd.reported:
             rnd.records.append(self._record(u, False, f"{rule}: {reason}", u.payload_bytes, 0.0))
             rnd.reported.add(session.node_id)
         await self._send(session, UpdateResult(u.round, False, reason, rule))
@@ -353,6 +395,13 @@ class Coordinator:
         waiting = [s for s in self._ready_sessions() if s.node_id in rnd.assignments and s.node_id not in rnd.reported]
         return bool(rnd.accepted) and (not waiting or time.time() >= rnd.deadline)
 
+    def round_config(self) -> dict:
+        """What nodes run this round: the governed parameters in force and the policy's deadline."""
+        p = self.governor.params
+        return {"inner_steps": int(p["inner_steps"]), "lr": float(p["lr"]), "weight_decay": self.job.weight_decay,
+                "batch_size": int(p["batch"]), "seq_len": self.cfg.block_size,
+                "codec": {"name": self.job.codec, "params": {}}, "deadline_s": self.deadline_seconds}
+
     async def run(self) -> None:
         """Open, wait for and close rounds until the job's round count is reached (forever when 0)."""
         while not self.finished:
@@ -363,15 +412,15 @@ class Coordinator:
                 self._changed.clear()
                 await self._changed.wait()
             now = time.time()
-            rnd = OpenRound(self.round, now, now + self.job.round_deadline)
+            rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config())
             self._open = rnd
-            log.info("round %d open: %d node(s), deadline in %.0fs", rnd.round, len(self._ready_sessions()),
-                     self.job.round_deadline)
+            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round, len(self._ready_sessions()),
+                     rnd.config["inner_steps"], self.deadline_seconds)
             for s in self._ready_sessions():
                 await self._assign(s, rnd)
             while not self._round_complete(rnd):
                 if time.time() >= rnd.deadline and not rnd.accepted:
-                    rnd.deadline = time.time() + self.job.round_deadline  # nothing arrived: keep waiting
+                    rnd.deadline = time.time() + self.deadline_seconds  # nothing arrived: keep waiting
                     log.info("round %d: no update by the deadline; extended", rnd.round)
                 self._changed.clear()
                 try:
@@ -380,37 +429,109 @@ class Coordinator:
                     pass
             await self._close_round(rnd)
 
-    async def _close_round(self, rnd: OpenRound) -> None:
-        updates = [v for v, _, _ in rnd.accepted]
+    def _aggregate(self, rnd: OpenRound) -> tuple[np.ndarray, list[int]]:
+        """The aggregate of the accepted updates and the indices the rule discarded as outliers."""
+        matrix = np.stack([v for v, _, _ in rnd.accepted])
         weights = [w for _, w, _ in rnd.accepted]
-        grad = AGGREGATORS[self.job.aggregator](np.stack(updates), weights)
-        val_loss, ckpt, path, sha = await asyncio.to_thread(self._apply_and_checkpoint, rnd.round + 1, grad)
+        name = str(self.governor.params["aggregator"])
+        n = len(weights)
+        f = int(n * self.job.byzantine_fraction)
+        try:
+            if name == "mean":
+                result = aggregation.RULES["mean"](matrix, weights)
+            else:
+                if name in ("krum", "multikrum"):
+                    f = min(f, max(0, (n - 3) // 2))
+                result = aggregation.RULES[name](matrix, None, f)
+        except AggregationError as e:  # too few updates for the rule's f: average this round, and say so
+            log.warning("round %d: %s cannot aggregate %d update(s) (%s); using the mean", rnd.round, name, n, e)
+            result = aggregation.RULES["mean"](matrix, weights)
+        values = result.values.numpy() if isinstance(result.values, torch.Tensor) else np.asarray(result.values)
+        return values.astype(np.float32), list(result.discarded)
+
+    async def _close_round(self, rnd: OpenRound) -> None:
+        grad, discarded = self._aggregate(rnd)
+        val_loss, ckpt, path, sha, qualities = await asyncio.to_thread(self._apply_and_checkpoint, rnd, grad)
+        new_round = rnd.round + 1
+        # the books: every decided update, then the rules for the next round, then the next deadline
+        accepted_nodes = [rec.node_id for _, _, rec in rnd.accepted]
+        outcomes = []
+        for node_id, (decision, tokens) in rnd.outcomes.items():
+            index = accepted_nodes.index(node_id) if node_id in accepted_nodes else None
+            outcomes.append(UpdateOutcome(node_id, decision, tokens,
+                                          qualities[index] if index is not None else 0,
+                                          index is not None and index not in discarded))
+        entries = self.governor.settle(rnd.round, outcomes)
+        changes = self.governor.boundary(new_round)
+        for change in changes:
+            log.info("governance: %s %s -> %s takes effect in round %d", change.kind, change.target, change.after,
+                     new_round)
+        self._adapt(rnd)
         tokens = sum(r.tokens for r in rnd.records if r.accepted)
         rejected = sum(1 for r in rnd.records if not r.accepted)
-        record = RoundRecord(rnd.round + 1, ckpt.model_hash, path.name, sha, val_loss, len(rnd.accepted), rejected,
-                             tokens, rnd.bytes_received, rnd.opened_at, time.time())
-        self.store.commit_round(record, rnd.records)
+        record = RoundRecord(new_round, ckpt.model_hash, path.name, sha, val_loss, len(rnd.accepted), rejected,
+                             tokens, rnd.bytes_received, rnd.opened_at, time.time(), rnd.deadline,
+                             self.governor.ledger.head)
+        books = self.governor.snapshot()
+        self.store.commit_round(record, rnd.records, books["ledger"], self.governor.ledger.balances(), books["meta"])
+        self.governor.committed()
         # only after the commit does the new model become current
         self.previous_hash, self.model_hash = self.model_hash, ckpt.model_hash
         self.params, self.momentum = torch.from_numpy(ckpt.params), torch.from_numpy(ckpt.momentum)
         self._params_bytes = np.ascontiguousarray(ckpt.params, "<f4").tobytes()
-        self.round = rnd.round + 1
+        self.round = new_round
         self._open = None
         self._prune_checkpoints()
         log.info("round %d committed: %d accepted, %d rejected, validation loss %.4f", self.round, len(rnd.accepted),
                  rejected, val_loss)
+        for entry in entries:
+            session = self.sessions.get(entry.node)
+            if session is not None and entry.kind in ("reward", "slash"):
+                await self._send(session, Receipt(entry.to_dict(), self.governor.sign_receipt(entry)))
         for s in self._ready_sessions():
             await self._send(s, RoundClosed(self.round, val_loss, len(rnd.accepted), rejected))
+        for node_id, decision in list(self.policy.quarantined.items()):
+            session = self.sessions.get(node_id)
+            if session is not None:
+                await self._send(session, Error("quarantined", "; ".join(decision.reasons), fatal=True))
+                self.detach(session)
 
-    def _apply_and_checkpoint(self, new_round: int, grad: np.ndarray):
+    def _adapt(self, rnd: OpenRound) -> None:
+        """The coordinator's autonomy loop: move the deadline with node speeds, quarantine by the rules."""
+        weights = self.governor.reputation
+        self.policy.observe(CoordinatorObservation(
+            rnd.round, {**self.governor.params, "deadline_seconds": self.deadline_seconds}, rnd.reports,
+            {node_id: standing(node_id, weights[node_id]) for node_id in self.sessions}))
+        self.policy.run_once()
+        if self.policy.deadline_seconds is not None and self.policy.deadline_seconds != self.deadline_seconds:
+            log.info("deadline moves from %.1fs to %.1fs", self.deadline_seconds, self.policy.deadline_seconds)
+            self.deadline_seconds = float(self.policy.deadline_seconds)
+
+    def _apply_and_checkpoint(self, rnd: OpenRound, grad: np.ndarray):
+        """Outer step, validation, per-update quality and the checkpoint (in a worker thread)."""
         g = torch.from_numpy(np.ascontiguousarray(grad, np.float32))
-        params, momentum = outer_nesterov_step(self.params, g, self.momentum, self.job.outer_lr,
-                                               self.job.outer_momentum)
+        p = self.governor.params
+        qualities = self._qualities(rnd)
+        params, momentum = outer_nesterov_step(self.params, g, self.momentum, float(p["outer_lr"]),
+                                               float(p["outer_momentum"]))
         load_flat_parameters(self._model, params)
         val_loss = evaluate(self._model, self._val_batches)
-        ckpt = Checkpoint(new_round, params.numpy(), momentum.numpy())
+        ckpt = Checkpoint(rnd.round + 1, params.numpy(), momentum.numpy())
         path, sha = write_checkpoint(self.data_dir / "checkpoints", ckpt)
-        return val_loss, ckpt, path, sha
+        return val_loss, ckpt, path, sha, qualities
+
+    def _qualities(self, rnd: OpenRound) -> list[int]:
+        """Each accepted update's quality in ppm: the loss drop it makes alone on a held-out batch (one outer
+        SGD step), relative to the best update of the round. An update that does not lower the loss scores 0."""
+        lr = float(self.governor.params["outer_lr"])
+        load_flat_parameters(self._model, self.params)
+        base = evaluate(self._model, self._quality_batch)
+        drops = []
+        for values, _, _ in rnd.accepted:
+            load_flat_parameters(self._model, self.params - lr * torch.from_numpy(values))
+            drops.append(base - evaluate(self._model, self._quality_batch))
+        best = max(drops, default=0.0)
+        return [quality_to_ppm(d / best) if best > 0 else 0 for d in drops]
 
     def _prune_checkpoints(self) -> None:
         for r in range(max(0, self.round - CHECKPOINTS_KEPT - 5), self.round - CHECKPOINTS_KEPT + 1):
@@ -448,7 +569,7 @@ class Coordinator:
             "state": "finished" if self.finished else "training",
             "open_round": open_round,
             "coordinator_id": self.key.node_id,
-            "job": self.job.describe(),
+            "job": self.describe(),
             "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
                          "tokens": r.tokens, "bytes": r.bytes_received, "model_hash": r.model_hash,
                          "closed_at": r.closed_at} for r in rounds],
@@ -461,22 +582,6 @@ def outer_nesterov_step(params: torch.Tensor, grad: torch.Tensor, momentum: torc
     """torch.optim.SGD(nesterov=True, dampening=0) on a pseudo-gradient; the math of shared.diloco.OuterNesterov."""
     buf = grad.clone() if momentum is None else momentum * mu + grad
     return params - lr * (grad + mu * buf), buf
-
-
-def weighted_mean(updates: np.ndarray, weights: list[float]) -> np.ndarray:
-    w = np.asarray(weights, np.float64)
-    return (w[:, None] * updates.astype(np.float64)).sum(0) / w.sum()
-
-
-AGGREGATORS = {"mean": weighted_mean}
-
-
-def decode_update(spec: compress.CodecSpec, data: bytes, n: int) -> np.ndarray:
-    if compress.encoded_size(spec, n) != len(data):
-        raise compress.CodecError(f"{spec.name} payload of {n} values must be {compress.encoded_size(spec, n)} bytes")
-    if spec.name == "fp32":
-        return np.frombuffer(data, "<f4").astype(np.float32)
-    return np.asarray(compress.decode(spec, data, n), np.float32)
 
 
 def new_nonce() -> str:

@@ -101,7 +101,7 @@ class SignalingServer:
         self.sockets[hello.node_id] = ws
         session = NodeSession(hello.node_id, hello.kind, hello.agent)
         self.coordinator.attach(session)
-        await ws.send_text(Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.job.describe(),
+        await ws.send_text(Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.describe(),
                                    self.coordinator.round).encode())
         log.info("node %s joined (%s, %s)", hello.node_id[:12], hello.kind, hello.agent or "-")
         return session

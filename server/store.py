@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     tokens INTEGER NOT NULL,
     bytes_received INTEGER NOT NULL,
     opened_at REAL NOT NULL,
-    closed_at REAL NOT NULL
+    closed_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    ledger_head TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,6 +55,15 @@ CREATE TABLE IF NOT EXISTS updates (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates(round);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    entry TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, amount INTEGER NOT NULL);
 """
 
 
@@ -69,6 +80,8 @@ class RoundRecord:
     bytes_received: int
     opened_at: float
     closed_at: float
+    deadline: float
+    ledger_head: str  # hash of the last ledger entry committed with this round: anchors the chain
 
 
 @dataclass(frozen=True)
@@ -135,17 +148,28 @@ class Store:
 
     # -- rounds ------------------------------------------------------------------------------------------
 
-    def commit_round(self, record: RoundRecord, updates: list[UpdateRecord]) -> None:
-        """Record a round, its updates and the nodes' counters in one transaction: all or nothing."""
+    def commit_round(self, record: RoundRecord, updates: list[UpdateRecord], ledger: list[dict] = (),
+                     balances: dict[str, int] | None = None, meta: dict | None = None) -> None:
+        """Record a round with its updates, the nodes' counters, the ledger entries it caused, the balances after
+        them and governance state (`meta`), in one transaction: all or nothing."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.round, record.model_hash, record.checkpoint, record.checkpoint_sha256, record.val_loss,
                      record.accepted, record.rejected, record.tokens, record.bytes_received, record.opened_at,
-                     record.closed_at),
+                     record.closed_at, record.deadline, record.ledger_head),
                 )
+                for e in ledger:
+                    self._db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (?, ?, ?, ?, ?, ?)",
+                                     (e["seq"], e["round"], e["node"], e["kind"], e["hash"],
+                                      json.dumps(e, sort_keys=True)))
+                if balances is not None:
+                    self._db.execute("DELETE FROM balances")
+                    self._db.executemany("INSERT INTO balances (account, amount) VALUES (?, ?)", balances.items())
+                for key, value in (meta or {}).items():
+                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
                 for u in updates:
                     self._db.execute(
                         "INSERT INTO updates (round, node_id, accepted, reason, tokens, inner_steps, loss_first, "
@@ -172,6 +196,15 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
         return [RoundRecord(*r) for r in rows]
+
+    def ledger_entries(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT entry FROM ledger ORDER BY seq").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def balances(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT account, amount FROM balances ORDER BY account").fetchall())
 
     def updates(self, round_: int | None = None) -> list[UpdateRecord]:
         query = ("SELECT round, node_id, accepted, reason, tokens, inner_steps, loss_first, loss_last, bytes, weight,"

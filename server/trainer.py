@@ -12,6 +12,7 @@ import hashlib
 import logging
 import sys
 import time
+import json
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,12 @@ from server.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSoc
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.training import byte_tensor, sample_batch
 from shared import compress
+from shared.agent import TrainerPolicy
+from shared.governance import Rulebook
 from shared.identity import signing_bytes
+from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.model import GPTConfig, num_parameters
-from shared.wire import (MAX_MESSAGE_BYTES, Bye, Challenge, Error, Hello, Message, ModelRequest, PathSelect,
+from shared.wire import (MAX_MESSAGE_BYTES, Bye, Challenge, Error, Hello, ModelRequest, PathSelect, Receipt,
                          RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome, WireError, decode_message)
 
 log = logging.getLogger("swarmgrad.trainer")
@@ -106,6 +110,11 @@ class Trainer:
         self.rounds_done = 0
         self.accepted = 0
         self.last_val_loss: float | None = None
+        self.receipts: list[dict] = []  # verified ledger entries about this node
+        self.balance = 0  # micro-credits, from the newest verified receipt
+        self.rules = Rulebook()
+        self.policy = TrainerPolicy(lambda action, params: self.rules.validate(action, params))
+        self._last_round: dict | None = None  # what the policy measures from the previous round
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -234,9 +243,24 @@ class Trainer:
             raise JobFinished(item.reason or "the coordinator said goodbye")
         if isinstance(item, Error):
             if item.fatal:
+                if item.code in ("quarantined", "admission"):
+                    raise FatalError(f"the coordinator removed this node: {item.message}")
                 raise Disconnected(f"[{item.code}] {item.message}")
             log.warning("coordinator: [%s] %s", item.code, item.message)
+        if isinstance(item, Receipt):
+            self._keep_receipt(item)
         return item
+
+    def _keep_receipt(self, receipt: Receipt) -> None:
+        """Check a receipt offline: it is about this node, well formed, and signed by the coordinator."""
+        try:
+            entry = check_receipt(receipt.entry, self.key.node_id)
+            verify(self.coordinator_id, receipt_bytes(entry), receipt.signature)
+        except (LedgerError, SignatureError) as e:
+            log.warning("ignoring a receipt that does not verify: %s", e)
+            return
+        self.receipts.append(receipt.entry)
+        self.balance = entry.balances.get(self.key.node_id, self.balance)
 
     async def _serve(self) -> None:
         pending_round: RoundOpen | None = None
@@ -286,14 +310,17 @@ class Trainer:
                     return None
                 if isinstance(item, RoundOpen):
                     newer = item
-        cfg = assignment.config
+        cfg = dict(assignment.config)
+        received = time.time()
+        steps, batch = await self._plan(assignment, cfg)
+        cfg["inner_steps"], cfg["batch_size"] = steps, batch
         shard = await self._shard(assignment.shard)
         load_flat_parameters(self.model, torch.from_numpy(self.global_params))
         for group in self.optimizer.param_groups:
             group["lr"] = float(cfg["lr"])
             group["weight_decay"] = float(cfg.get("weight_decay", 0.0))
         started = time.time()
-        loss_first, loss_last, tokens = await asyncio.to_thread(self._inner_steps, assignment, shard)
+        loss_first, loss_last, tokens = await asyncio.to_thread(self._inner_steps, assignment, cfg, shard)
         seconds = time.time() - started
         local = flat_parameters(self.model).numpy()
         pseudo_gradient = self.global_params - local
@@ -301,7 +328,7 @@ class Trainer:
         payload = compress.encode(spec, memoryview(np.ascontiguousarray(pseudo_gradient, "<f4")).cast("B").cast("f"))
 
         def signed_update(header) -> Update:
-            u = Update(self.key.node_id, assignment.round, assignment.model_hash, tokens, int(cfg["inner_steps"]),
+            u = Update(self.key.node_id, assignment.round, assignment.model_hash, tokens, steps,
                        loss_first, loss_last, spec.to_dict(), pseudo_gradient.size, header.transfer_id,
                        header.sha256, header.total_bytes, "0" * 128, seconds)
             return Update(**{**u.__dict__, "signature": self.key.sign(signing_bytes("update", u.signing_fields()))})
@@ -311,12 +338,16 @@ class Trainer:
         while time.time() < deadline:
             item = await asyncio.wait_for(self._next(), RESULT_TIMEOUT_S)
             if isinstance(item, UpdateResult) and item.round == assignment.round:
+                self._last_round = {"steps": steps, "seconds": seconds, "batch": batch,
+                                    "overhead_seconds": max(0.0, time.time() - received - seconds),
+                                    "deadline_seconds": float(cfg["deadline_s"])}
                 self.rounds_done += 1
                 self.accepted += int(item.accepted)
                 verdict = "accepted" if item.accepted else f"rejected [{item.rule}] {item.reason}"
                 self.progress.show(f"round {assignment.round}: update {verdict} | loss {loss_first:.3f} -> "
                                    f"{loss_last:.3f} | {tokens / max(seconds, 1e-9):,.0f} tok/s | "
-                                   f"{self.accepted} accepted", final=True)
+                                   f"H={steps} | {self.accepted} accepted | balance {self.balance / 1e6:.6f}",
+                                   final=True)
                 return newer
             if isinstance(item, RoundOpen):
                 newer = item
@@ -324,8 +355,38 @@ class Trainer:
                 self.last_val_loss = item.val_loss
         raise Disconnected("no verdict on the update")
 
-    def _inner_steps(self, assignment: RoundOpen, shard: torch.Tensor) -> tuple[float, float, int]:
-        cfg = assignment.config
+    async def _plan(self, assignment: RoundOpen, cfg: dict) -> tuple[int, int]:
+        """H and batch for this round: the autonomy loop fits them to the deadline from measured speed, within
+        the job's values and the rules in force (fetched from the coordinator; they change only by vote)."""
+        steps, batch = int(cfg["inner_steps"]), int(cfg["batch_size"])
+        try:
+            governance = await asyncio.to_thread(self._get_json, "/api/governance")
+        except (OSError, ValueError) as e:
+            log.warning("cannot read the rules in force (%s); running the assignment as given", e)
+            return steps, batch
+        self.rules = Rulebook.from_list(governance["rules"])
+        self.policy.min_batch = max(1, int(self.rules.bounds("round_config", "batch").low or 1))
+        if self._last_round is not None:
+            self.policy.measure(**self._last_round)
+            self._last_round = None
+        self.policy.assign({**governance["params"], "inner_steps": steps, "batch": batch, "lr": float(cfg["lr"]),
+                            "deadline_seconds": float(cfg["deadline_s"]), "round": assignment.round})
+        report = self.policy.run_once()
+        if not report.allowed:
+            log.warning("the planned round config is blocked by the rules (%s); running the assignment as given",
+                        [b.decision.blocked_by for b in report.blocked])
+            return steps, batch
+        plan = self.policy.next_config
+        if int(plan["inner_steps"]) != steps:
+            log.info("round %d: running H=%d of %d to meet the %.0fs deadline", assignment.round,
+                     int(plan["inner_steps"]), steps, float(cfg["deadline_s"]))
+        return int(plan["inner_steps"]), int(plan["batch"])
+
+    def _get_json(self, path: str) -> dict:
+        with urllib.request.urlopen(self.http_base + path, timeout=30) as r:
+            return json.load(r)
+
+    def _inner_steps(self, assignment: RoundOpen, cfg: dict, shard: torch.Tensor) -> tuple[float, float, int]:
         steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
         seed = int.from_bytes(hashlib.sha256(f"{self.key.node_id}:{assignment.round}".encode()).digest()[:8], "little")
         gen = torch.Generator().manual_seed(seed)

@@ -27,6 +27,10 @@ CCLIP_TAU_MEDIAN_MULTIPLE = 2.0
 """Default clipping radius, as a multiple of the median distance from the starting center. Honest
 updates in high dimension sit at nearly the same distance, so twice the median leaves them unclipped."""
 
+KRUM_OUTLIER_SCORE_MULTIPLE = 2.0
+"""Krum reports an input discarded only when its score is this many times the median score: honest inputs
+score alike, and reporting Krum's f worst regardless would lower honest reputations every round."""
+
 
 class AggregationError(ValueError):
     """The inputs cannot be aggregated by this rule (empty, ragged, too few for the f it must tolerate)."""
@@ -46,7 +50,8 @@ class Aggregate:
     """What a rule returns.
 
     values: the aggregate, d floats (a torch tensor on the fast path, a list here).
-    used: sorted indices of the inputs whose values entered the aggregate at full weight.
+    used: sorted indices of the inputs the aggregate rests on: all but the discarded for mean, median,
+        trimmed and cclip; the chosen one (krum) or m (multikrum) for Krum.
     discarded: sorted indices of the inputs the rule judged outliers and discarded or down-weighted;
         the coordinator lowers their senders' reputations. `used` and `discarded` are disjoint; an input
         may be in neither (Krum's honest runners-up are not used, yet not judged outliers).
@@ -186,19 +191,21 @@ def krum_scores(updates: Sequence[Sequence[float]], f: int) -> list[float]:
 
 def _krum_order(updates: Sequence[Sequence[float]], f: int, rule: str) -> tuple[list[int], list[int]]:
     """Inputs from best to worst Krum score (ties to the lower index), and the discarded ones: those among
-    the f worst whose score is strictly worse than the (n - f)-th best, so equal inputs are never told apart."""
+    the f worst whose score exceeds KRUM_OUTLIER_SCORE_MULTIPLE times the median score."""
     n = len(updates)
     check_f(rule, f, n, 2 * f + 3)
     scores = krum_scores(updates, f)
     order = sorted(range(n), key=lambda i: (scores[i], i))
-    return order, sorted(i for i in order[n - f :] if scores[i] > scores[order[n - f - 1]])
+    ranked = sorted(scores)
+    middle = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2
+    return order, sorted(i for i in order[n - f :] if scores[i] > KRUM_OUTLIER_SCORE_MULTIPLE * middle)
 
 
 def krum(updates: Sequence[Sequence[float]], weights: Sequence[float] | None = None, f: int = 0) -> Aggregate:
     """Krum (Blanchard et al. 2017): the single input with the lowest score (krum_scores), ties to the
     lowest index. Tolerates f Byzantine inputs and needs n >= 2f + 3, else AggregationError. Equal
-    weights only. Used: the chosen input. Discarded: those of the f highest scores that are strictly
-    higher than the (n - f)-th lowest.
+    weights only. Used: the chosen input. Discarded: those of the f highest scores that exceed
+    KRUM_OUTLIER_SCORE_MULTIPLE times the median score.
     """
     check_updates(updates)
     check_equal_weights("krum", weights, len(updates))

@@ -10,21 +10,22 @@ fp32  {}                     4n bytes: the values as float32.
 fp16  {}                     2n bytes: IEEE half precision, rounded to nearest, ties to even. A value whose
                              rounding overflows half precision (|x| >= 65520) raises CodecError.
 int8  {"block": B}           Blockwise absmax quantization, B = 256 by default (1 <= B <= MAX_INT8_BLOCK).
-                             Values are cut into ceil(n / B) blocks of B (the last may be shorter). Per block,
-                             all arithmetic in float32, each operation correctly rounded (round to nearest even):
-                                 scale = max_j |x_j| / 127
-                                 q_j   = 0                                  if scale == 0
-                                         clamp(round_half_away(x_j / scale), -127, 127)   otherwise
-                             where x_j / scale is rounded to float32 before round_half_away (2.5 -> 3, -2.5 -> -3).
-                             scale is 0 when the block is all zeros (or its max underflows when divided by 127).
+                             The rule is kernels/quant.py's (its docstring is the spec; the browser's WGSL
+                             kernel follows it, and tests/test_compress.py proves this codec equals it byte
+                             for byte at B = 256). Values are cut into ceil(n / B) blocks of B (the last may be
+                             shorter); per block, with amax = max_j |x_j|:
+                                 amax < 2^-100 (INT8_MIN_BLOCK_AMAX): a zero block, scale = 0, every q_j = 0
+                                 otherwise: scale = float32(amax / 127), correctly rounded
+                                            q_j = round_half_away(127 x_j / amax) of the EXACT quotient,
+                                            clamped to [-127, 127] (2.5 -> 3, -2.5 -> -3)
+                             The exact quotient (not x / scale) is what a GPU can reproduce: WGSL's `/` is
+                             only 2.5-ulp accurate, but 127 |x| against (q +- 1/2) amax compares exactly.
+                             In float64, 127.0 * x / amax rounds to a half-integer only when it is one.
                              Wire: the ceil(n / B) float32 scales first, then the n int8 q's:
                              4 * ceil(n / B) + n bytes. Decoding gives q_j * scale, a float32 product.
-                             kernels/quant.py implements this same rule in WGSL for the browser; this
-                             docstring is the spec both follow, and a test proves they agree byte for byte.
-                             Note WGSL's f32 `/` may be off by 2.5 ulp: the kernel must divide exactly.
 topk  {"k": K} or            The k values of largest |x|, ties to the lower index, with
       {"fraction": F}        k = min(n, K), or k = min(n, max(1, floor(F * n + 0.5))) with F * n in IEEE
-                             double and 0 < F <= 1; k = 0 when n = 0. Wire: uint32 count (must equal k),
+      (default F = 0.02)     double and 0 < F <= 1; k = 0 when n = 0. Wire: uint32 count (must equal k),
                              k uint32 indices strictly ascending and < n, then the k float32 values:
                              4 + 8k bytes. Positions not sent decode to 0. The encoder keeps what it did
                              not send (ErrorFeedback) and adds it to the next round's values.
@@ -45,6 +46,13 @@ from dataclasses import dataclass, field
 DEFAULT_INT8_BLOCK = 256
 MAX_INT8_BLOCK = 1 << 20
 """A block longer than this buys nothing (one scale per MiB of values is already free) and hides mistakes."""
+
+DEFAULT_TOPK_FRACTION = 0.02
+"""Keeps 2% of the values at 8 bytes each: 25x fewer bytes than fp32."""
+
+INT8_MIN_BLOCK_AMAX = 2.0**-100
+"""A block whose largest magnitude is below this is sent as zeros; the threshold sits far above the
+subnormals a GPU may flush to zero, so flushing never changes a byte (kernels/quant.py's MIN_BLOCK_AMAX)."""
 
 INT8_LEVELS = 127
 """q ranges over [-127, 127]; -128 never comes out of the encoder, so a decoder that sees it rejects the payload."""
@@ -102,14 +110,14 @@ def int8_block(spec: CodecSpec) -> int:
 def topk_count(spec: CodecSpec, n: int) -> int:
     """The k that the topk codec keeps of n values, after checking the spec's params."""
     _check_n(n)
-    if set(spec.params) not in ({"k"}, {"fraction"}):
-        raise CodecError(f"topk takes exactly one of 'k' or 'fraction', got {sorted(spec.params)}")
+    if set(spec.params) not in (set(), {"k"}, {"fraction"}):
+        raise CodecError(f"topk takes one of 'k' or 'fraction' (or neither), got {sorted(spec.params)}")
     if "k" in spec.params:
         k = spec.params["k"]
         if not _is_int(k) or k < 1:
             raise CodecError(f"topk k must be a positive integer, got {k!r}")
         return min(n, k)
-    fraction = spec.params["fraction"]
+    fraction = spec.params.get("fraction", DEFAULT_TOPK_FRACTION)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise CodecError(f"topk fraction must be in (0, 1], got {fraction!r}")
     if n == 0:
@@ -173,14 +181,13 @@ def _int8_encode(values: array, block: int) -> bytes:
     q = array("b")
     for start in range(0, n, block):
         chunk = values[start : start + block]
-        scale = array("f", [max(abs(x) for x in chunk) / INT8_LEVELS])[0]
-        scales.append(scale)
-        if scale == 0:
+        amax = max(abs(x) for x in chunk)
+        if amax < INT8_MIN_BLOCK_AMAX:
+            scales.append(0.0)
             q.extend([0] * len(chunk))
             continue
-        # The quotient is rounded to float32 before rounding to an integer, as a float32 kernel does.
-        quotients = array("f", [x / scale for x in chunk])
-        q.extend(max(-INT8_LEVELS, min(INT8_LEVELS, _round_half_away(x))) for x in quotients)
+        scales.append(amax / INT8_LEVELS)  # array("f") rounds the float64 quotient to the nearest float32
+        q.extend(max(-INT8_LEVELS, min(INT8_LEVELS, _round_half_away(INT8_LEVELS * x / amax))) for x in chunk)
     return _le(scales) + q.tobytes()
 
 

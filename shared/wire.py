@@ -325,6 +325,18 @@ class RoundClosed(Message):
     rejected: int
 
 
+@message("receipt")
+class Receipt(Message):
+    """Coordinator -> node: a ledger entry about this node (a reward or a slash), signed by the coordinator over
+    shared.rewards.receipt_bytes(entry), so the node can verify it offline."""
+
+    entry: dict
+    signature: str
+
+    def check(self):
+        _hex(self.signature, 128, "signature")
+
+
 @message("bye")
 class Bye(Message):
     """Either way: leaving cleanly."""

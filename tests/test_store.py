@@ -10,7 +10,8 @@ from server.store import RoundRecord, Store, UpdateRecord
 
 
 def record(round_: int) -> RoundRecord:
-    return RoundRecord(round_, "a" * 64, f"round-{round_:06d}.ckpt", "b" * 64, 2.5, 1, 0, 100, 4000, 1.0, 2.0)
+    return RoundRecord(round_, "a" * 64, f"round-{round_:06d}.ckpt", "b" * 64, 2.5, 1, 0, 100, 4000, 1.0, 2.0, 1.5,
+                       "c" * 64)
 
 
 def update(round_: int, node: str, accepted: bool = True) -> UpdateRecord:

@@ -113,8 +113,8 @@ def test_a_malformed_frame_gets_a_typed_error_and_closes_the_socket(coordinator)
 
 
 @pytest.mark.parametrize("bend, rule", [
-    ("nan", "finite"),
-    ("huge", "norm_bound"),
+    ("nan", "finite-values"),
+    ("huge", "norm-bound"),
     ("short", "shape"),
     ("forged", "signature"),
 ])
@@ -142,7 +142,7 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
         return verdict, before, good, params, await other.model(next_round)
 
     verdict, before, good, params, new_params = run(scenario())
-    assert verdict.accepted is False and verdict.rule == rule
+    assert verdict.accepted is False and rule in verdict.rule.split(",")
     assert before["round"] == 0 and before["model_hash"] == before["history"][0]["model_hash"]
     assert good.accepted is True
     # outer Nesterov's first step on the good update alone: theta - lr * (1 + momentum) * g

@@ -1,0 +1,180 @@
+"""server/aggregation.py's fast rules return what shared/aggregate.py's references return."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server import aggregation as fast
+from shared import aggregate as reference
+from shared.aggregate import AggregationError, NonFiniteInputError
+
+# Krum's rules need n >= 2f + 3; every rule here gets the largest f that the rule and n allow.
+MINIMUM_N = {"mean": lambda f: 1, "median": lambda f: 2 * f + 1, "trimmed": lambda f: 2 * f + 1,
+             "krum": lambda f: 2 * f + 3, "multikrum": lambda f: 2 * f + 3, "cclip": lambda f: 2 * f + 1}
+
+
+def largest_f(name: str, n: int) -> int:
+    if name == "mean":
+        return 0
+    return max((f for f in range(n) if MINIMUM_N[name](f) <= n), default=-1)
+
+
+@st.composite
+def integer_matrices(draw, min_n=1):
+    """Small integer values: every distance and sum is exact in float32 and float64 alike, and ties are
+    common, so the fast rules must pick, trim and discard exactly the inputs the references do."""
+    n = draw(st.integers(min_n, 9))
+    d = draw(st.integers(1, 6))
+    values = draw(st.lists(st.integers(-8, 8), min_size=n * d, max_size=n * d))
+    return np.array(values, dtype=np.float32).reshape(n, d)
+
+
+@st.composite
+def float_matrices(draw, min_n=1):
+    n = draw(st.integers(min_n, 9))
+    d = draw(st.integers(1, 6))
+    element = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+    values = draw(st.lists(element, min_size=n * d, max_size=n * d))
+    return np.array(values, dtype=np.float32).reshape(n, d)
+
+
+def assert_values_close(fast_values: torch.Tensor, reference_values, matrix: np.ndarray):
+    # A float32 result of sums of n float32 terms: a few float32 ulps of the largest input.
+    tolerance = 4 * matrix.shape[0] * float(np.finfo(np.float32).eps) * (1 + float(np.abs(matrix).max()))
+    np.testing.assert_allclose(fast_values.numpy(), np.array(reference_values), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("name", sorted(reference.RULES))
+@settings(max_examples=40, deadline=None)
+@given(matrix=integer_matrices(min_n=3))
+def test_fast_rule_equals_reference_on_integer_inputs(name, matrix):
+    f = largest_f(name, matrix.shape[0])
+    if f < 0:
+        return
+    expected = reference.RULES[name](matrix.tolist(), f=f)
+    got = fast.RULES[name](matrix, f=f)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded)
+    assert_values_close(got.values, expected.values, matrix)
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed", "cclip"])
+@settings(max_examples=40, deadline=None)
+@given(matrix=float_matrices(), data=st.data())
+def test_fast_rule_equals_reference_on_float_inputs(name, matrix, data):
+    f = data.draw(st.integers(0, largest_f(name, matrix.shape[0])), label="f")
+    expected = reference.RULES[name](matrix.tolist(), f=f)
+    got = fast.RULES[name](matrix, f=f)
+    assert_values_close(got.values, expected.values, matrix)
+    if name != "cclip":  # cclip's clip decisions can flip on a rounding at ||x - v|| == tau
+        assert (got.used, got.discarded) == (expected.used, expected.discarded)
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrix=float_matrices(min_n=3), data=st.data())
+def test_fast_krum_scores_equal_reference_scores(matrix, data):
+    f = data.draw(st.integers(0, (matrix.shape[0] - 3) // 2), label="f")
+    expected = reference.krum_scores(matrix.tolist(), f)
+    tolerance = 1e-9 * (1 + float((matrix.astype(np.float64) ** 2).sum()))
+    np.testing.assert_allclose(fast.krum_scores(matrix, f), expected, rtol=1e-9, atol=tolerance)
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrix=float_matrices(min_n=3), data=st.data())
+def test_fast_krum_picks_an_input_with_the_best_reference_score(matrix, data):
+    # On floats two scores may tie up to rounding, and then either input is a correct answer.
+    f = data.draw(st.integers(0, (matrix.shape[0] - 3) // 2), label="f")
+    scores = reference.krum_scores(matrix.tolist(), f)
+    got = fast.krum(matrix, f=f)
+    assert scores[got.used[0]] <= min(scores) * (1 + 1e-9) + 1e-9
+    assert np.array_equal(got.values.numpy(), matrix[got.used[0]])
+
+
+@pytest.mark.parametrize("name", sorted(fast.RULES))
+def test_fast_rule_rejects_a_nan_input_naming_its_index(name):
+    matrix = np.ones((5, 1000), dtype=np.float32)
+    matrix[3, 517] = math.nan
+    with pytest.raises(NonFiniteInputError, match="update 3 ") as caught:
+        fast.RULES[name](matrix, f=1 if name != "mean" else 0)
+    assert (caught.value.index, caught.value.position) == (3, 517)
+
+
+def test_finite_values_whose_sum_overflows_float32_are_accepted():
+    matrix = np.full((3, 4), 3e38, dtype=np.float32)
+    assert fast.mean(matrix).values.tolist() == pytest.approx([3e38] * 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(fast.RULES))
+def test_fast_rule_on_all_equal_inputs_returns_that_input_and_discards_none(name):
+    row = np.linspace(-3, 5, 40_000, dtype=np.float32)
+    result = fast.RULES[name](np.tile(row, (7, 1)), f=2 if name != "mean" else 0)
+    np.testing.assert_allclose(result.values.numpy(), row, rtol=1e-6, atol=1e-6)
+    assert result.discarded == []
+
+
+def test_fast_krum_accepts_n_equal_2f_plus_3_and_rejects_one_fewer():
+    matrix = np.arange(5, dtype=np.float32).reshape(5, 1) ** 2
+    assert fast.krum(matrix, f=1).used == reference.krum(matrix.tolist(), f=1).used
+    with pytest.raises(AggregationError, match="needs at least 5 updates, got 4"):
+        fast.krum(matrix[:4], f=1)
+
+
+def test_fast_krum_picks_the_right_input_under_a_large_shared_offset():
+    # Pseudo-gradients share a large common part; |a|^2 + |b|^2 - 2ab in float32 loses their differences.
+    generator = np.random.default_rng(5)
+    d = 200_000
+    matrix = (1000.0 + generator.normal(0, 1e-2, (7, d))).astype(np.float32)
+    matrix[4] = (1000.0 + generator.normal(0, 0.7e-2, d)).astype(np.float32)  # the most central
+    naive = torch.from_numpy(matrix) @ torch.from_numpy(matrix).T
+    norms = naive.diagonal()
+    assert fast.krum(matrix, f=2).used == [4]
+    assert (norms[:, None] + norms[None, :] - 2 * naive).min() < 0  # the float32 Gram matrix is useless here
+
+
+def test_fast_rules_take_torch_tensors_as_well_as_numpy_arrays():
+    matrix = np.random.default_rng(0).normal(size=(7, 300)).astype(np.float32)
+    for name, rule in fast.RULES.items():
+        from_numpy = rule(matrix, f=2 if name != "mean" else 0)
+        from_torch = rule(torch.from_numpy(matrix), f=2 if name != "mean" else 0)
+        assert torch.equal(from_numpy.values, from_torch.values)
+        assert (from_numpy.used, from_numpy.discarded) == (from_torch.used, from_torch.discarded)
+
+
+def test_fast_rules_chunk_long_updates_like_short_ones():
+    # Longer than every chunk, so the chunk seams are crossed; trimming counts must add across chunks.
+    generator = np.random.default_rng(1)
+    d = fast.GRAM_CHUNK_COLUMNS + 3
+    matrix = generator.normal(size=(7, d)).astype(np.float32)
+    matrix[5] -= 50
+    matrix[6] += 50
+    for name in ("median", "trimmed", "krum", "multikrum", "cclip"):
+        assert fast.RULES[name](matrix, f=2).discarded == [5, 6]
+
+
+def test_fast_weighted_mean_matches_reference():
+    matrix = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    assert fast.mean(matrix, [1.0, 3.0]).values.tolist() == [2.5, 3.5]
+
+
+def test_fast_centered_clip_from_a_given_center_matches_reference():
+    matrix = np.array([[0.0], [0.0], [1000.0]], dtype=np.float32)
+    expected = reference.centered_clip(matrix.tolist(), center=[1.0], tau=2.0, iterations=2)
+    got = fast.centered_clip(matrix, center=torch.tensor([1.0]), tau=2.0, iterations=2)
+    assert got.values.tolist() == pytest.approx(expected.values)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded) == ([0, 1], [2])
+
+
+@pytest.mark.parametrize("name", ["mean", "multikrum", "cclip"])
+@settings(max_examples=30, deadline=None)
+@given(matrix=integer_matrices(min_n=3), data=st.data())
+def test_fast_weighted_rule_equals_reference(name, matrix, data):
+    n = matrix.shape[0]
+    weights = data.draw(st.lists(st.floats(0.1, 10.0), min_size=n, max_size=n), label="weights")
+    f = largest_f(name, n)
+    expected = reference.RULES[name](matrix.tolist(), weights=weights, f=f)
+    got = fast.RULES[name](matrix, weights=weights, f=f)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded)
+    assert_values_close(got.values, expected.values, matrix)
