@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-COMMANDS = ("serve", "trainer", "status")
+COMMANDS = ("serve", "trainer", "status", "ledger", "governance")
 
 
 def _positive_int(text: str) -> int:
@@ -32,8 +32,8 @@ def serve_parser() -> argparse.ArgumentParser:
     d = JobConfig()
     p = argparse.ArgumentParser(prog="python -m server", description=(
         "Run a swarmgrad coordinator: it serves the contributor page, signals WebRTC peers, runs DiLoCo rounds "
-        "and keeps state in SQLite. Other commands: `python -m server trainer --help`, `python -m server status "
-        "--help`."))
+        "and keeps state in SQLite. Other commands (each has --help): trainer, status, ledger verify|balances, "
+        "governance list|propose|vote."))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"),
@@ -54,6 +54,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="your own text corpus: a file, or a directory of .txt/.md/.py/.rst files "
                         "(default: the Python standard library's source)")
+    p.add_argument("--rules", type=Path, default=None,
+                   help="a rulebook (TOML, like shared/default_rules.toml) for a new job; an existing job keeps "
+                        "its rules, which change only by vote (default: shared/default_rules.toml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -110,8 +113,9 @@ def serve(argv: list[str]) -> int:
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:
             ice = ["127.0.0.1" if ":" not in args.host else "::1"]
         rtc.restrict_ice_hosts(ice)
-        coordinator = Coordinator(args.data_dir, job, corpus)
-    except (ValueError, KeyError, CorpusError, JobMismatch) as e:
+        rules = args.rules.read_text() if args.rules else None
+        coordinator = Coordinator(args.data_dir, job, corpus, rules_toml=rules)
+    except (ValueError, KeyError, OSError, CorpusError, JobMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     url = f"http://{args.host if ':' not in args.host else '[' + args.host + ']'}:{args.port}"
@@ -181,4 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     if argv and argv[0] == command:
         argv = argv[1:]
+    if command in ("ledger", "governance"):
+        from server import books_cli
+
+        return getattr(books_cli, command)(argv)
     return {"serve": serve, "trainer": trainer, "status": status}[command](argv)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared.compress import INT8_LEVELS, INT8_MIN_BLOCK_AMAX, CodecError, CodecSpec, encoded_size, int8_block, topk_count
+from shared.compress import (INT8_LEVELS, INT8_MIN_BLOCK_AMAX, CodecError, CodecSpec, encoded_size, int8_block,
+                             topk_count)
 
 
 def _check_finite(values: torch.Tensor) -> None:

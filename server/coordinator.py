@@ -120,7 +120,8 @@ class OpenRound:
 
 
 class Coordinator:
-    def __init__(self, data_dir: Path, job: JobConfig, corpus: Corpus, store: Store | None = None):
+    def __init__(self, data_dir: Path, job: JobConfig, corpus: Corpus, store: Store | None = None,
+                 rules_toml: str | None = None):
         self.data_dir = data_dir
         self.store = store or Store(data_dir / "state.db")
         self.key = NodeKey.load_or_create(data_dir / "coordinator.key")
@@ -129,7 +130,7 @@ class Coordinator:
         self.cfg = model_config(self.job.model)
         self.n_params = num_parameters(self.cfg)
         self.codec = compress.CodecSpec(self.job.codec)
-        self.governor = Governor(self.store, self.key, self.job.governed())
+        self.governor = Governor(self.store, self.key, self.job.governed(), rules_toml)
         # a generous margin over the slowest nodes' round time: a deadline only cuts stragglers, and a tight one
         # makes every node cut its H (see TrainerPolicy), which costs more progress than waiting does
         self.policy = CoordinatorPolicy(lambda action, params: self.governor.governance.rules.validate(action, params),

@@ -43,12 +43,17 @@ class UpdateOutcome:
 
 
 class Governor:
-    def __init__(self, store: Store, key: NodeKey, initial_params: dict):
+    def __init__(self, store: Store, key: NodeKey, initial_params: dict, rules_toml: str | None = None):
+        """`rules_toml` (a rulebook like shared/default_rules.toml) seeds a new job's governance; a job that
+        already has governance in the store keeps it: from then on only votes change the rules."""
         self.store = store
         self.key = key
         stored = store.get_meta("governance")
         if stored is None:
-            self.governance = Governance.default(verify_signature=_verify_signature)
+            if rules_toml is None:
+                self.governance = Governance.default(verify_signature=_verify_signature)
+            else:
+                self.governance = Governance.from_toml(rules_toml, verify_signature=_verify_signature)
             unknown = set(initial_params) - set(self.governance.params)
             if unknown:
                 raise GovernanceError(f"no job parameters named {sorted(unknown)}")

@@ -25,6 +25,7 @@ import websockets
 from server import rtc
 from server.keys import NodeKey, SignatureError, verify
 from server.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSocketLink
+from server.codecs import TorchErrorFeedback
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.training import byte_tensor, sample_batch
 from shared import compress
@@ -115,6 +116,7 @@ class Trainer:
         self.rules = Rulebook()
         self.policy = TrainerPolicy(lambda action, params: self.rules.validate(action, params))
         self._last_round: dict | None = None  # what the policy measures from the previous round
+        self.error_feedback: TorchErrorFeedback | None = None  # what lossy codecs left out, sent next round
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -325,7 +327,9 @@ class Trainer:
         local = flat_parameters(self.model).numpy()
         pseudo_gradient = self.global_params - local
         spec = compress.CodecSpec.from_dict(cfg.get("codec", {"name": "fp32"}))
-        payload = compress.encode(spec, memoryview(np.ascontiguousarray(pseudo_gradient, "<f4")).cast("B").cast("f"))
+        if self.error_feedback is None or self.error_feedback.residual.numel() != pseudo_gradient.size:
+            self.error_feedback = TorchErrorFeedback(pseudo_gradient.size)
+        payload = self.error_feedback.encode(spec, torch.from_numpy(pseudo_gradient))
 
         def signed_update(header) -> Update:
             u = Update(self.key.node_id, assignment.round, assignment.model_hash, tokens, steps,
@@ -366,9 +370,10 @@ class Trainer:
             return steps, batch
         self.rules = Rulebook.from_list(governance["rules"])
         self.policy.min_batch = max(1, int(self.rules.bounds("round_config", "batch").low or 1))
-        if self._last_round is not None:
+        if self._last_round is not None:  # learn last round's speed first (a loop pass with no assignment)
             self.policy.measure(**self._last_round)
             self._last_round = None
+            self.policy.run_once()
         self.policy.assign({**governance["params"], "inner_steps": steps, "batch": batch, "lr": float(cfg["lr"]),
                             "deadline_seconds": float(cfg["deadline_s"]), "round": assignment.round})
         report = self.policy.run_once()

@@ -76,7 +76,10 @@ class Coordinator(Process):
                          tmp / f"coordinator-{self.port}-{time.monotonic_ns()}.log")
 
     def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/api/status", timeout=5) as r:
+        return self.status_of("/api/status")
+
+    def status_of(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
             return json.load(r)
 
     def wait_ready(self, timeout: float = 60) -> dict:

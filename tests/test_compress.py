@@ -152,9 +152,12 @@ def test_int8_sends_a_block_below_the_minimum_magnitude_as_zeros():
 
 
 def test_int8_rounds_the_exact_quotient_not_the_quotient_by_the_rounded_scale():
-    # amax = 3: scale = float32(3 / 127) is not exact, but 127 * 1.5 / 3 = 63.5 is, and rounds away to 64.
-    data = encode(INT8, [3.0, 1.5, -1.5, 0.0])
-    assert list(array("b", data[4:])) == [127, 64, -64, 0]
+    # x = float32(0.25 / 127) lies just below half a level: 127 x / 0.5 = 0.4999999981, so q = 0, although
+    # x divided by the float32-rounded scale rounds to 0.5 and would give 1.
+    x = f32(0.25 / 127)
+    assert f32(x / f32(0.5 / 127)) == 0.5
+    data = encode(INT8, [0.5, x, -x, 0.0])
+    assert list(array("b", data[4:])) == [127, 0, 0, 0]
 
 
 def test_int8_minimum_block_magnitude_is_the_kernels_one():

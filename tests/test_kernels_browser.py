@@ -1,0 +1,174 @@
+"""kernels/device_browser.py drives the same WGSL GPT in a real browser: Chromium's WebGPU, from Pyodide.
+
+Headless Debian Chromium (SwiftShader WebGPU) loads Pyodide from node_modules, unpacks kernels/ and shared/ from
+a zip, and runs DeviceTrainer on BrowserDevice; the results must match torch. Skips only when Chromium,
+Playwright or the npm Pyodide is not installed; every request off 127.0.0.1 is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import http.server
+import json
+import shutil
+import tempfile
+import threading
+import zipfile
+from array import array
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import quant
+from server.model import GPT, flat_parameters, init_parameters
+from shared.model import GPTConfig, parameter_layout
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+PYODIDE_DIR = REPO / "node_modules" / "pyodide"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-unsafe-webgpu",
+]
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><script src="pyodide/pyodide.js"></script></head><body>
+<script>
+window.boot = async function () {
+  window.pyodide = await loadPyodide({ indexURL: "/pyodide/" });
+  const zip = await (await fetch("/packages.zip")).arrayBuffer();
+  pyodide.unpackArchive(zip, "zip", { extractDir: pyodide.runPython("import sysconfig; sysconfig.get_path('purelib')") });
+};
+</script></body></html>"""
+
+# Runs inside Pyodide: the browser engineer's calls, in the order they will make them.
+IN_BROWSER = """
+import base64, json
+from pyodide.http import pyfetch
+from kernels.device_browser import BrowserDevice
+from kernels.trainer import DeviceTrainer
+from shared.model import GPTConfig
+
+cfg = GPTConfig.from_dict(json.loads(CONFIG))
+params = await (await pyfetch("/params.bin")).bytes()
+tokens = await (await pyfetch("/tokens.bin")).bytes()
+targets = await (await pyfetch("/targets.bin")).bytes()
+device = await BrowserDevice.create()
+trainer = DeviceTrainer(device, cfg, params, max_batch_size=BATCH)
+loss, grads = await trainer.loss_and_grads(tokens, targets, seq_len=SEQ)
+losses = await trainer.train_steps([(tokens, targets)], lr=1e-2, seq_len=SEQ)
+local = await trainer.read_params()
+scales, codes = await trainer.pseudo_gradient_int8()
+json.dumps({
+    "loss": loss,
+    "losses": losses,
+    "grads": base64.b64encode(grads.tobytes()).decode(),
+    "local": base64.b64encode(local.tobytes()).decode(),
+    "scales": base64.b64encode(scales.tobytes()).decode(),
+    "codes": base64.b64encode(codes).decode(),
+})
+"""
+
+
+def browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    if not (PYODIDE_DIR / "pyodide.js").exists():
+        return f"npm Pyodide is not installed at {PYODIDE_DIR} (npm install)"
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "Python playwright is not installed"
+    return None
+
+
+@pytest.fixture
+def site():
+    """A loopback HTTP server over a temp dir holding the page, Pyodide, and kernels/ + shared/ as a zip."""
+    missing = browser_missing()
+    if missing:
+        pytest.skip(missing)
+    root = Path(tempfile.mkdtemp(prefix="kernels-browser-"))
+    (root / "pyodide").symlink_to(PYODIDE_DIR)
+    (root / "index.html").write_text(PAGE)
+    with zipfile.ZipFile(root / "packages.zip", "w") as archive:
+        for package in ("kernels", "shared"):
+            for path in sorted((REPO / package).iterdir()):
+                if path.suffix in (".py", ".wgsl"):
+                    archive.write(path, f"{package}/{path.name}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def run_in_chromium(base_url: str, python_code: str) -> dict:
+    from playwright.async_api import async_playwright
+
+    profile = tempfile.mkdtemp(prefix="kernels-chromium-")
+    try:
+        async with async_playwright() as playwright:
+            context = await playwright.chromium.launch_persistent_context(
+                profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+            )
+
+            async def loopback_only(route):
+                if route.request.url.startswith(base_url + "/"):
+                    await route.continue_()
+                else:
+                    await route.abort()
+
+            await context.route("**/*", loopback_only)
+            page = context.pages[0] if context.pages else await context.new_page()
+            await page.goto(base_url + "/index.html")
+            await page.evaluate("boot()")
+            result = await page.evaluate("(code) => pyodide.runPythonAsync(code)", python_code)
+            await context.close()
+            return json.loads(result)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def decode_floats(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.float32)
+
+
+def test_browser_device_trains_the_gpt_like_torch(site):
+    root, base_url = site
+    cfg, batch, seq = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), 3, 11
+    model = GPT(cfg)
+    init_parameters(model, 0)
+    start = flat_parameters(model)
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (batch, seq), generator=generator)
+    targets = torch.randint(0, 256, (batch, seq), generator=generator)
+    _, loss = model(tokens, targets)
+    loss.backward()
+    expected_grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    (root / "params.bin").write_bytes(start.numpy().tobytes())
+    (root / "tokens.bin").write_bytes(tokens.to(torch.uint8).numpy().tobytes())
+    (root / "targets.bin").write_bytes(targets.to(torch.uint8).numpy().tobytes())
+    code = f"CONFIG = {json.dumps(json.dumps(cfg.to_dict()))}\nBATCH = {batch}\nSEQ = {seq}\n" + IN_BROWSER
+
+    result = asyncio.run(run_in_chromium(base_url, code))
+
+    assert abs(result["loss"] - loss.item()) <= 1e-4 * loss.item()
+    assert result["losses"] == [result["loss"]]  # the training step saw the same batch and parameters
+    grads = decode_floats(result["grads"])
+    for spec in parameter_layout(cfg):
+        actual, expected = (g[spec.offset : spec.offset + spec.numel] for g in (grads, expected_grads))
+        assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max(), spec.name
+    local = array("f", base64.b64decode(result["local"]))
+    pseudo_gradient = array("f", (g - p for g, p in zip(array("f", start.numpy().tobytes()), local)))
+    expected_scales, expected_codes = quant.quantize_int8(pseudo_gradient)
+    assert base64.b64decode(result["scales"]) == expected_scales.tobytes()
+    assert base64.b64decode(result["codes"]) == expected_codes
