@@ -139,6 +139,7 @@ class Coordinator:
                                         margin=DEADLINE_MARGIN, min_margin=DEADLINE_MARGIN, max_margin=3.0)
         self.deadline_seconds = float(self.governor.params["deadline_seconds"])
         self.sessions: dict[str, NodeSession] = {}
+        self.node_speed: dict[str, float] = {}  # node id -> tokens/s of its last accepted update
         self.finished = False
         self._changed = asyncio.Event()
         self._open: OpenRound | None = None
@@ -368,6 +369,8 @@ class Coordinator:
         rnd.reports.append(NodeReport(u.node_id, u.inner_steps, int(rnd.config["batch_size"]), u.seconds,
                                       max(0.0, received - rnd.opened_at - u.seconds), received <= rnd.deadline))
         session.state = "submitted"
+        if u.seconds > 0:
+            self.node_speed[u.node_id] = u.tokens / u.seconds
         await self._send(session, UpdateResult(u.round, True))
         log.info("round %d: accepted update from %s (%s, H=%d, %d tokens, loss %.3f -> %.3f, norm %.3g, %d bytes)",
                  rnd.round, session.node_id[:12], session.kind, u.inner_steps, u.tokens, u.loss_first, u.loss_last,
@@ -553,11 +556,17 @@ class Coordinator:
         nodes = []
         for node_id, n in stored.items():
             live = self.sessions.get(node_id)
-            nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"],
-                          "state": live.state if live else "offline",
+            state = live.state if live else "offline"
+            if node_id in self.policy.quarantined:
+                state = "quarantined"
+            nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "state": state,
                           "path": live.link.path if live and live.link else None,
                           "updates_accepted": n["updates_accepted"], "updates_rejected": n["updates_rejected"],
-                          "tokens": n["tokens"], "last_seen": n["last_seen"]})
+                          "tokens": n["tokens"], "last_seen": n["last_seen"],
+                          "tokens_per_second": self.node_speed.get(node_id),
+                          "reputation": self.governor.reputation[node_id],
+                          "balance": self.governor.ledger.balance(node_id),
+                          "stake": self.governor.ledger.stake_of(node_id)})
         last = rounds[-1] if rounds else None
         open_round = None
         if self._open is not None:
