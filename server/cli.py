@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-COMMANDS = ("serve", "trainer", "status", "ledger", "governance")
+COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
 
 
 def _positive_int(text: str) -> int:
@@ -33,7 +33,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server", description=(
         "Run a swarmgrad coordinator: it serves the contributor page, signals WebRTC peers, runs DiLoCo rounds "
         "and keeps state in SQLite. Other commands (each has --help): trainer, status, ledger verify|balances, "
-        "governance list|propose|vote."))
+        "governance list|propose|vote, simulate."))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"),
@@ -162,10 +162,13 @@ def format_status(s: dict) -> str:
     for h in s["history"]:
         v = "n/a" if h["val_loss"] is None else f"{h['val_loss']:.4f}"
         lines.append(f"{h['round']:>5}  {v:>9}  {h['accepted']:>8}  {h['rejected']:>8}  {h['tokens']:>10,}")
-    lines += ["", f"{'node':<14}  {'kind':<8}  {'state':<10}  {'path':<9}  {'accepted':>8}"]
+    lines += ["", f"{'node':<14}  {'kind':<8}  {'state':<11}  {'path':<9}  {'accepted':>8}  {'tok/s':>8}  "
+                  f"{'reputation':>10}  {'credits':>12}"]
     for n in s["nodes"]:
-        lines.append(f"{n['id'][:12] + '…':<14}  {n['kind']:<8}  {n['state']:<10}  {n['path'] or '-':<9}  "
-                     f"{n['updates_accepted']:>8}")
+        speed = n.get("tokens_per_second")
+        lines.append(f"{n['id'][:12] + '…':<14}  {n['kind']:<8}  {n['state']:<11}  {n['path'] or '-':<9}  "
+                     f"{n['updates_accepted']:>8}  {'-' if speed is None else f'{speed:,.0f}':>8}  "
+                     f"{n.get('reputation', 0):>10}  {n.get('balance', 0) / 1e6:>12,.6f}")
     return "\n".join(lines)
 
 
@@ -189,4 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         from server import books_cli
 
         return getattr(books_cli, command)(argv)
+    if command == "simulate":
+        from server import simulate
+
+        return simulate.main(argv)
     return {"serve": serve, "trainer": trainer, "status": status}[command](argv)

@@ -68,3 +68,15 @@ def test_killed_coordinator_resumes_at_the_next_round(processes, loopback_namesp
                                                   (committed,))}
     assert len(contributors) == 2
     assert all(t.proc.poll() is None for t in trainers)
+
+
+def test_a_trainer_without_webrtc_trains_over_the_websocket_fallback(processes, loopback_namespace):
+    coordinator = processes.coordinator(*TRAIN_ARGS)
+    coordinator.wait_ready()
+    trainer = processes.trainer(coordinator.url, "--transport", "websocket", "--max-rounds", "1")
+    live = coordinator.wait_for(lambda s: [n["path"] for n in s["nodes"]] == ["websocket"], 120, "the fallback path")
+    assert live["nodes"][0]["kind"] == "trainer"
+    assert trainer.wait(180) == 0, trainer.output()
+    status = coordinator.wait_for(lambda s: s["round"] >= 1, 60, "a round trained over the fallback")
+    assert status["history"][1]["accepted"] == 1
+    assert status["history"][1]["bytes"] == 4 * status["job"]["params"]  # one fp32 pseudo-gradient
