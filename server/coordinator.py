@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from server import aggregation
-from server.checkpoint import Checkpoint, checkpoint_path, model_hash, read_checkpoint, write_checkpoint
+from server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from server.corpus import Corpus
 from server.codecs import decode_numpy
 from server.governor import Governor, InsufficientFunds, UpdateOutcome
@@ -40,7 +40,7 @@ from shared.wire import (Bye, Error, Message, ModelRequest, PayloadHeader, Recei
 log = logging.getLogger("swarmgrad.coordinator")
 
 STALE_WEIGHT = 0.5  # an update computed on the previous round's model counts once, at this weight
-CHECKPOINTS_KEPT = 5
+CHECKPOINTS_KEPT = 5  # when no storage rule bounds it
 DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of the nodes' round times
 
 
@@ -538,9 +538,13 @@ class Coordinator:
         return [quality_to_ppm(d / best) if best > 0 else 0 for d in drops]
 
     def _prune_checkpoints(self) -> None:
-        for r in range(max(0, self.round - CHECKPOINTS_KEPT - 5), self.round - CHECKPOINTS_KEPT + 1):
-            if r > 0:
-                checkpoint_path(self.data_dir / "checkpoints", r).unlink(missing_ok=True)
+        """Keep as many recent checkpoints as the storage rules allow (the newest is always kept)."""
+        high = self.governor.governance.rules.bounds("storage", "checkpoints_kept").high
+        kept = max(1, int(high)) if high is not None else CHECKPOINTS_KEPT
+        directory = self.data_dir / "checkpoints"
+        for path in sorted(directory.glob("round-*.ckpt"))[:-kept]:
+            if path.name != "round-000000.ckpt":  # the initial model stays: it defines the job's start
+                path.unlink(missing_ok=True)
 
     async def _finish(self) -> None:
         self.finished = True
