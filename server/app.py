@@ -36,6 +36,9 @@ def create_app(coordinator: Coordinator) -> Starlette:
     async def index(request: Request) -> Response:
         return FileResponse(BROWSER_DIR / "index.html")
 
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(BROWSER_DIR / "dashboard.html")
+
     async def status(request: Request) -> Response:
         return JSONResponse(coordinator.status())
 
@@ -95,6 +98,7 @@ def create_app(coordinator: Coordinator) -> Starlette:
 
     routes = [
         Route("/", index),
+        Route("/dashboard", dashboard),
         Route("/api/status", status),
         Route("/api/shards/{index}", shard),
         Route("/api/governance", governance),

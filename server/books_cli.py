@@ -20,6 +20,7 @@ from shared.governance import Proposal, Vote
 from shared.rewards import check_chain
 
 MICRO = 1_000_000
+STAMP_TRIES = 3  # a round may close between reading the round and posting; then re-stamp and re-sign
 
 
 def _get(coordinator: str, path: str) -> dict:
@@ -141,6 +142,7 @@ def _parse_value(text: str):
 
 
 def governance_propose(args) -> int:
+    """Sign and post a proposal stamped with the current round (re-stamped if a round closes meanwhile)."""
     key = NodeKey.load_or_create(args.key_file)
     if args.set_param:
         name, _, value = args.set_param.partition("=")
@@ -150,13 +152,20 @@ def governance_propose(args) -> int:
     else:
         kind = "add_rule" if args.add_rule else "change_rule"
         payload = {"rule": json.loads(args.add_rule or args.change_rule)}
-    try:
-        proposal = Proposal(key.node_id, kind, payload, _current_round(args.coordinator), args.note)
-        proposal = dataclasses.replace(proposal, signature=key.sign(proposal.signing_bytes()))
-        state = _post(args.coordinator, "/api/governance/proposals", proposal.to_dict())
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for attempt in range(STAMP_TRIES):
+        try:
+            proposal = Proposal(key.node_id, kind, payload, _current_round(args.coordinator), args.note)
+            proposal = dataclasses.replace(proposal, signature=key.sign(proposal.signing_bytes()))
+            state = _post(args.coordinator, "/api/governance/proposals", proposal.to_dict())
+            break
+        except RuntimeError as e:
+            if "before boundary" in str(e) and attempt + 1 < STAMP_TRIES:
+                continue
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(f"proposal {proposal.id} is open ({state['status']}); vote with: python -m server governance vote "
           f"--coordinator {args.coordinator} --key-file KEY {proposal.id} yes")
     return 0
@@ -164,13 +173,20 @@ def governance_propose(args) -> int:
 
 def governance_vote(args) -> int:
     key = NodeKey.load_or_create(args.key_file)
-    try:
-        vote = Vote(args.proposal_id, key.node_id, args.choice == "yes", _current_round(args.coordinator))
-        vote = dataclasses.replace(vote, signature=key.sign(vote.signing_bytes()))
-        _post(args.coordinator, "/api/governance/votes", vote.to_dict())
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for attempt in range(STAMP_TRIES):
+        try:
+            vote = Vote(args.proposal_id, key.node_id, args.choice == "yes", _current_round(args.coordinator))
+            vote = dataclasses.replace(vote, signature=key.sign(vote.signing_bytes()))
+            _post(args.coordinator, "/api/governance/votes", vote.to_dict())
+            break
+        except RuntimeError as e:
+            if "predates" in str(e) and attempt + 1 < STAMP_TRIES:
+                continue
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(f"vote recorded: {args.choice} on {args.proposal_id} by {key.node_id[:12]}…")
     return 0
 

@@ -465,7 +465,7 @@ class Coordinator:
             outcomes.append(UpdateOutcome(node_id, decision, tokens,
                                           qualities[index] if index is not None else 0,
                                           index is not None and index not in discarded))
-        entries = self.governor.settle(rnd.round, outcomes)
+        entries = self.governor.settle(new_round, outcomes)  # booked under the round they commit with
         changes = self.governor.boundary(new_round)
         for change in changes:
             log.info("governance: %s %s -> %s takes effect in round %d", change.kind, change.target, change.after,
