@@ -1,6 +1,8 @@
 // Renders /api/status on the coordinator's page, refreshing every two seconds.
 "use strict";
 
+const HISTORY_ROWS = 20; // the newest rounds; /api/status has them all
+
 function cell(row, text) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -27,7 +29,7 @@ async function refresh() {
     summary.textContent = `Model ${s.job.model} (${s.job.params.toLocaleString()} parameters), ` +
       `${s.round} rounds completed, validation loss ${loss}, state: ${s.state}.`;
     summary.className = "";
-    fillTable("history", s.history.slice().reverse(), [
+    fillTable("history", s.history.slice(-HISTORY_ROWS).reverse(), [
       r => r.round, r => (r.val_loss === null ? "n/a" : r.val_loss.toFixed(4)), r => r.accepted, r => r.rejected,
       r => r.tokens.toLocaleString()]);
     fillTable("nodes", s.nodes, [

@@ -3,9 +3,10 @@
 Mirrors device_wgpu.py call for call. Never import `js` or `pyodide` at module level: this module must import
 (and be checked) under plain CPython, where neither exists.
 
-Use:  device = await BrowserDevice.create();  trainer = DeviceTrainer(device, cfg, params)
-Untested natively: it follows the WebGPU JS API (createBuffer, queue.writeBuffer, mapAsync, createBindGroup,
-beginComputePass) as the probes in shared/probes/gpu.js used it.
+Use:  device = BrowserDevice(adapter, gpu_device) with the GPUAdapter and GPUDevice the page opened (the page
+owns the device, so that it can explain a missing adapter before loading Python), or `await BrowserDevice.create()`;
+then trainer = DeviceTrainer(device, cfg, params). It cannot run natively; e2e/ exercises it in Chromium (the
+page's node trains with it, and e2e/test_browser_gradient.py checks its gradients against torch).
 """
 
 from __future__ import annotations
