@@ -22,11 +22,13 @@ from kernels.device_browser import BrowserDevice
 from kernels.quant import QUANT_BLOCK_SIZE
 from kernels.trainer import DeviceTrainer
 from shared import compress
+from shared.agent import RoundPlanner
 from shared.identity import signing_bytes
+from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.model import GPTConfig, num_parameters
-from shared.wire import (Bye, Challenge, Error, Hello, Message, ModelRequest, PathSelect, PayloadAssembler,
-                         PayloadHeader, RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome, WireError,
-                         decode_message, payload_frames)
+from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, ModelRequest, PathSelect, Receipt,
+                         RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome, WireError, decode_message,
+                         payload_frames)
 
 try:
     from pyodide.ffi import JsException, to_js
@@ -61,22 +63,6 @@ class JobFinished(Exception):
 
 class Stopped(Exception):
     """The user pressed Stop."""
-
-
-class FrameReceiver:
-    """Frames of one link into messages and whole payloads (server/link.py's FrameReceiver, for Pyodide)."""
-
-    def __init__(self, max_payload_bytes: int):
-        self.assembler = PayloadAssembler(max_payload_bytes)
-
-    def feed(self, frame: str | bytes) -> Message | tuple[PayloadHeader, bytes] | None:
-        if isinstance(frame, str):
-            msg = decode_message(frame)
-            if isinstance(msg, PayloadHeader):
-                self.assembler.begin(msg)
-                return None
-            return msg
-        return self.assembler.add_chunk(frame)
 
 
 def batch_seed(node_id: str, round_: int) -> int:
@@ -150,6 +136,8 @@ class BrowserNode:
         self.rounds_done = 0
         self.accepted = 0
         self.rejected = 0
+        self.planner = RoundPlanner()  # the autonomy loop: H and batch fitted to the deadline from measured speed
+        self.balance: int | None = None  # micro-credits, from the newest verified receipt
         self.stopped = False
         self._transfer_id = 0
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -301,7 +289,32 @@ class BrowserNode:
         if isinstance(item, RoundClosed):
             self.report("round_closed", round=item.round, val_loss=item.val_loss, accepted=item.accepted,
                         rejected=item.rejected)
+        if isinstance(item, Receipt):
+            await self._keep_receipt(item)
         return item
+
+    async def _keep_receipt(self, receipt: Receipt) -> None:
+        """Check a receipt as anyone could offline: about this node, well formed, signed by the coordinator."""
+        try:
+            entry = check_receipt(receipt.entry, self.node_id)
+        except LedgerError as e:
+            self.report("notice", message=f"ignoring a malformed receipt: {e}")
+            return
+        if not await self.bridge.verify(self.coordinator_id, to_js(receipt_bytes(entry)), receipt.signature):
+            self.report("notice", message="ignoring a receipt whose signature does not verify")
+            return
+        self.balance = entry.balances.get(self.node_id, self.balance)
+        amount = sum(leg.amount for leg in entry.postings if leg.account == self.node_id)
+        stake = sum(leg.amount for leg in entry.postings if leg.account != self.node_id and self.node_id in leg.account)
+        self.report("receipt", kind=entry.kind, round=entry.round, seq=entry.seq, amount=amount, stake_change=stake,
+                    balance=self.balance, hash=entry.hash, verified=True)
+
+    async def _governance(self) -> dict | None:
+        try:
+            return json.loads(js_bytes(await self.bridge.fetchBytes("/api/governance")))
+        except (JsException, ValueError) as e:
+            self.report("notice", message=f"cannot read the rules in force ({e}); running assignments as given")
+            return None
 
     async def _send(self, text: str) -> None:
         try:
@@ -337,8 +350,10 @@ class BrowserNode:
                                           "skipping the round")
             return None
         cfg = assignment.config
-        steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
-        self.report("round", round=assignment.round, steps=steps, shard=assignment.shard)
+        received = time.time()
+        steps, batch = self.planner.plan(await self._governance(), cfg, assignment.round)
+        seq = int(cfg["seq_len"])
+        self.report("round", round=assignment.round, steps=steps, shard=assignment.shard, plan=self.planner.note)
         newer: RoundOpen | None = None
         if self.global_hash != assignment.model_hash:
             await self._send(ModelRequest(assignment.round, assignment.model_hash).encode())
@@ -392,6 +407,8 @@ class BrowserNode:
             except asyncio.TimeoutError:
                 break
             if isinstance(item, UpdateResult) and item.round == assignment.round:
+                self.planner.finished(steps, seconds, batch, max(0.0, time.time() - received - seconds),
+                                      float(cfg["deadline_s"]))
                 self.rounds_done += 1
                 self.accepted += int(item.accepted)
                 self.rejected += int(not item.accepted)

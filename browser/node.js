@@ -33,8 +33,10 @@ const state = {
   phase: "idle", // idle | starting | connecting | training | stopping | stopped | failed | finished
   message: "", connection: "", path: null, round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
   updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
-  adapter: null,
+  adapter: null, balance: null, receipts: [],
 };
+
+const credits = (micro) => (micro / 1e6).toLocaleString(undefined, { minimumFractionDigits: 6 });
 
 // `command`, when given, follows the text as a line of code the user can copy.
 function showMessage(text, kind = "info", command = "") {
@@ -69,6 +71,21 @@ function render() {
   $("tokens-per-s").textContent = state.tokensPerSec === null ? "-" : Math.round(state.tokensPerSec).toLocaleString();
   const rejected = state.updatesRejected ? ` (${state.updatesRejected} rejected)` : "";
   $("accepted").textContent = `${state.updatesAccepted}${rejected}`;
+  $("balance").textContent = state.balance === null ? "-" : `${credits(state.balance)} credits`;
+  const body = document.querySelector("#receipts tbody");
+  if (body.children.length !== state.receipts.length) {
+    body.replaceChildren();
+    for (const r of state.receipts.slice().reverse()) {
+      const tr = document.createElement("tr");
+      for (const text of [`#${r.seq}`, r.round, r.kind, credits(r.amount + r.stake_change),
+        r.balance === null ? "-" : credits(r.balance), "verified"]) {
+        const td = document.createElement("td");
+        td.textContent = String(text);
+        tr.appendChild(td);
+      }
+      body.appendChild(tr);
+    }
+  }
   chart.draw(state.localLoss, state.valLoss);
 }
 
@@ -426,6 +443,10 @@ function onReport(r) {
       state.roundsClosed.push(r);
       state.valLoss.push([stepBase, r.val_loss]);
       state.connection = `round ${r.round} closed`;
+      break;
+    case "receipt":
+      state.receipts.push(r);
+      if (r.balance !== null) state.balance = r.balance;
       break;
     case "notice":
       showMessage(r.message, "warning");

@@ -68,6 +68,15 @@ def test_browser_node_trains_two_rounds_over_webrtc(processes, chromium, loopbac
     assert len(state["localLoss"]) == 2 * 3  # one point per inner step
     assert page.inner_text("#accepted") == "2"
 
+    # every ledger entry about this node reached the page as a receipt whose signature the page verified
+    ledger = coordinator.status_of(f"/api/ledger?node={node['id']}")
+    booked = [e["seq"] for e in ledger["entries"] if e["kind"] in ("reward", "slash")]
+    assert booked, "two accepted updates that lowered the loss earn at least one reward"
+    assert [r["seq"] for r in state["receipts"]] == booked
+    assert state["balance"] == node["balance"] > 0
+    assert page.inner_text("#balance") == f"{node['balance'] / 1e6:,.6f} credits"
+    assert page.locator("#receipts tbody tr").count() == len(booked)
+
 
 @pytest.mark.timeout(240)
 def test_browser_node_and_torch_trainer_train_in_the_same_rounds(processes, chromium, loopback_namespace):

@@ -10,7 +10,9 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 
-from shared.wire import Message, PayloadAssembler, PayloadHeader, decode_message, payload_frames
+from shared.wire import FrameReceiver, Message, PayloadHeader, payload_frames
+
+__all__ = ["DataChannelLink", "FrameReceiver", "Link", "LinkClosed", "WebSocketLink"]
 
 SEND_BUFFER_HIGH = 1 << 20  # pause sending above this many queued bytes on a data channel
 SEND_BUFFER_LOW = 256 * 1024
@@ -123,26 +125,3 @@ class WebSocketLink(Link):
             await self._bytes(data)
         except Exception as e:
             raise LinkClosed(f"websocket closed: {e}") from e
-
-
-class FrameReceiver:
-    """Turns incoming frames into messages and whole payloads; raises WireError on bad input.
-
-    `max_payload_bytes` is what this side expects at most (e.g. one model), the bound on what a peer can make
-    it allocate.
-    """
-
-    def __init__(self, max_payload_bytes: int) -> None:
-        self.assembler = PayloadAssembler(max_payload_bytes)
-        self.bytes_received = 0
-
-    def feed(self, frame: str | bytes) -> Message | tuple[PayloadHeader, bytes] | None:
-        """One frame in; a Message, a completed (header, payload), or None while a payload is incomplete."""
-        self.bytes_received += len(frame)
-        if isinstance(frame, str):
-            msg = decode_message(frame)
-            if isinstance(msg, PayloadHeader):
-                self.assembler.begin(msg)
-                return None
-            return msg
-        return self.assembler.add_chunk(frame)

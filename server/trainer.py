@@ -29,8 +29,7 @@ from server.codecs import TorchErrorFeedback
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.training import byte_tensor, sample_batch
 from shared import compress
-from shared.agent import TrainerPolicy
-from shared.governance import Rulebook
+from shared.agent import RoundPlanner
 from shared.identity import signing_bytes
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.model import GPTConfig, num_parameters
@@ -113,9 +112,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.receipts: list[dict] = []  # verified ledger entries about this node
         self.balance = 0  # micro-credits, from the newest verified receipt
-        self.rules = Rulebook()
-        self.policy = TrainerPolicy(lambda action, params: self.rules.validate(action, params))
-        self._last_round: dict | None = None  # what the policy measures from the previous round
+        self.planner = RoundPlanner()  # the autonomy loop: H and batch from measured speed and the deadline
         self.error_feedback: TorchErrorFeedback | None = None  # what lossy codecs left out, sent next round
 
     # -- lifetime ------------------------------------------------------------------------------------------
@@ -342,9 +339,8 @@ class Trainer:
         while time.time() < deadline:
             item = await asyncio.wait_for(self._next(), RESULT_TIMEOUT_S)
             if isinstance(item, UpdateResult) and item.round == assignment.round:
-                self._last_round = {"steps": steps, "seconds": seconds, "batch": batch,
-                                    "overhead_seconds": max(0.0, time.time() - received - seconds),
-                                    "deadline_seconds": float(cfg["deadline_s"])}
+                self.planner.finished(steps, seconds, batch, max(0.0, time.time() - received - seconds),
+                                      float(cfg["deadline_s"]))
                 self.rounds_done += 1
                 self.accepted += int(item.accepted)
                 verdict = "accepted" if item.accepted else f"rejected [{item.rule}] {item.reason}"
@@ -360,32 +356,16 @@ class Trainer:
         raise Disconnected("no verdict on the update")
 
     async def _plan(self, assignment: RoundOpen, cfg: dict) -> tuple[int, int]:
-        """H and batch for this round: the autonomy loop fits them to the deadline from measured speed, within
-        the job's values and the rules in force (fetched from the coordinator; they change only by vote)."""
-        steps, batch = int(cfg["inner_steps"]), int(cfg["batch_size"])
+        """H and batch for this round from the autonomy loop, under the rules in force (they change by vote)."""
         try:
             governance = await asyncio.to_thread(self._get_json, "/api/governance")
         except (OSError, ValueError) as e:
-            log.warning("cannot read the rules in force (%s); running the assignment as given", e)
-            return steps, batch
-        self.rules = Rulebook.from_list(governance["rules"])
-        self.policy.min_batch = max(1, int(self.rules.bounds("round_config", "batch").low or 1))
-        if self._last_round is not None:  # learn last round's speed first (a loop pass with no assignment)
-            self.policy.measure(**self._last_round)
-            self._last_round = None
-            self.policy.run_once()
-        self.policy.assign({**governance["params"], "inner_steps": steps, "batch": batch, "lr": float(cfg["lr"]),
-                            "deadline_seconds": float(cfg["deadline_s"]), "round": assignment.round})
-        report = self.policy.run_once()
-        if not report.allowed:
-            log.warning("the planned round config is blocked by the rules (%s); running the assignment as given",
-                        [b.decision.blocked_by for b in report.blocked])
-            return steps, batch
-        plan = self.policy.next_config
-        if int(plan["inner_steps"]) != steps:
-            log.info("round %d: running H=%d of %d to meet the %.0fs deadline", assignment.round,
-                     int(plan["inner_steps"]), steps, float(cfg["deadline_s"]))
-        return int(plan["inner_steps"]), int(plan["batch"])
+            log.warning("cannot read the rules in force: %s", e)
+            governance = None
+        steps, batch = self.planner.plan(governance, cfg, assignment.round)
+        if self.planner.note:
+            log.info("round %d: %s", assignment.round, self.planner.note)
+        return steps, batch
 
     def _get_json(self, path: str) -> dict:
         with urllib.request.urlopen(self.http_base + path, timeout=30) as r:

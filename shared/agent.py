@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from shared.governance import Bounds, Decision
+from shared.governance import Bounds, Decision, Rulebook
 
 Validator = Callable[[str, Mapping[str, Any]], Decision]
 
@@ -439,3 +439,50 @@ class CoordinatorPolicy(Agent):
     def load(self, d: Mapping) -> None:
         self.margin, self.deadline_seconds = d["margin"], d["deadline_seconds"]
         self.quarantined = {n: Decision.from_dict(x) for n, x in d["quarantined"].items()}
+
+
+class RoundPlanner:
+    """A node's autonomy loop around its assignments, the same for the PyTorch trainer and the browser node:
+    each round it learns the last round's speed, then fits H and batch to the deadline with a TrainerPolicy
+    under the rules in force (the coordinator's /api/governance document).
+
+    Call plan() when an assignment arrives and finished() when the coordinator has judged the update.
+    """
+
+    def __init__(self) -> None:
+        self.rules = Rulebook()
+        self.policy = TrainerPolicy(lambda action, params: self.rules.validate(action, params))
+        self._last: dict | None = None
+        self.note = ""  # why the plan differs from the assignment, or why it could not be planned
+
+    def finished(self, steps: int, seconds: float, batch: int, overhead_seconds: float,
+                 deadline_seconds: float) -> None:  # fmt: skip
+        self._last = {"steps": steps, "seconds": seconds, "batch": batch, "overhead_seconds": overhead_seconds,
+                      "deadline_seconds": deadline_seconds}  # fmt: skip
+
+    def plan(self, governance: Mapping | None, config: Mapping, round_: int) -> tuple[int, int]:
+        """(H, batch) for an assignment's round config (inner_steps, batch_size, lr, deadline_s). Without the
+        rules (governance None) the assignment runs as given."""
+        steps, batch = int(config["inner_steps"]), int(config["batch_size"])
+        self.note = ""
+        if governance is None:
+            self.note = "the rules in force are unknown; running the assignment as given"
+            return steps, batch
+        self.rules = Rulebook.from_list(governance["rules"])
+        self.policy.min_batch = max(1, int(self.rules.bounds("round_config", "batch").low or 1))
+        if self._last is not None:  # learn the last round's speed first: a loop pass with no assignment
+            self.policy.measure(**self._last)
+            self._last = None
+            self.policy.run_once()
+        self.policy.assign({**governance["params"], "inner_steps": steps, "batch": batch, "lr": float(config["lr"]),
+                            "deadline_seconds": float(config["deadline_s"]), "round": round_})  # fmt: skip
+        report = self.policy.run_once()
+        if not report.allowed:
+            blocked = sorted({r for b in report.blocked for r in b.decision.blocked_by})
+            self.note = f"the planned round is blocked by {blocked}; running the assignment as given"
+            return steps, batch
+        planned_steps, planned_batch = int(self.policy.next_config["inner_steps"]), int(self.policy.next_config["batch"])
+        if (planned_steps, planned_batch) != (steps, batch):
+            self.note = (f"running H={planned_steps} x batch {planned_batch} of {steps} x {batch} to meet the "
+                         f"{float(config['deadline_s']):.0f}s deadline")
+        return planned_steps, planned_batch

@@ -500,3 +500,26 @@ class PayloadAssembler:
     @property
     def in_flight(self) -> int:
         return len(self._transfers)
+
+
+class FrameReceiver:
+    """One link's incoming frames as messages and whole payloads; raises WireError on bad input.
+
+    `max_payload_bytes` is what this side expects at most (e.g. one model), the bound on what a peer can make
+    it allocate. Every peer uses this one class: the coordinator, the trainer and the browser node.
+    """
+
+    def __init__(self, max_payload_bytes: int) -> None:
+        self.assembler = PayloadAssembler(max_payload_bytes)
+        self.bytes_received = 0
+
+    def feed(self, frame: str | bytes) -> Message | tuple[PayloadHeader, bytes] | None:
+        """One frame in; a Message, a completed (header, payload), or None while a payload is incomplete."""
+        self.bytes_received += len(frame)
+        if isinstance(frame, str):
+            msg = decode_message(frame)
+            if isinstance(msg, PayloadHeader):
+                self.assembler.begin(msg)
+                return None
+            return msg
+        return self.assembler.add_chunk(frame)

@@ -281,3 +281,32 @@ def test_without_usable_reports_the_deadline_stays_and_garbled_reports_are_ignor
     policy.observe(CoordinatorObservation(1, g.round_config(deadline_seconds=42.0), garbled))
     policy.run_once()
     assert policy.deadline_seconds == 42.0
+
+
+# ---- RoundPlanner: the loop a trainer or browser node runs around each assignment ----
+
+from shared.agent import RoundPlanner  # noqa: E402
+from shared.governance import Governance as _Governance  # noqa: E402
+
+
+def _governance_document() -> dict:
+    g = _Governance.default()
+    return {"rules": g.rules.to_list(), "params": g.params}
+
+
+def test_round_planner_runs_the_first_assignment_as_given_then_fits_h_to_the_deadline():
+    planner = RoundPlanner()
+    config = {"inner_steps": 100, "batch_size": 16, "lr": 0.001, "deadline_s": 10.0}
+    assert planner.plan(_governance_document(), config, 0) == (100, 16)  # nothing measured yet
+    planner.finished(steps=100, seconds=20.0, batch=16, overhead_seconds=1.0, deadline_seconds=10.0)
+    steps, batch = planner.plan(_governance_document(), config, 1)
+    assert batch == 16 and 1 <= steps < 100
+    assert steps * 0.2 + 1.0 <= 10.0  # 0.2 s per step as measured, plus overhead, fits the deadline
+    assert "deadline" in planner.note
+
+
+def test_round_planner_without_the_rules_runs_the_assignment_as_given():
+    planner = RoundPlanner()
+    planner.finished(steps=100, seconds=20.0, batch=16, overhead_seconds=1.0, deadline_seconds=10.0)
+    assert planner.plan(None, {"inner_steps": 100, "batch_size": 16, "lr": 0.001, "deadline_s": 10.0}, 1) == (100, 16)
+    assert "unknown" in planner.note
