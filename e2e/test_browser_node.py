@@ -80,7 +80,8 @@ def test_browser_node_trains_two_rounds_over_webrtc(processes, chromium, loopbac
 
 @pytest.mark.timeout(240)
 def test_browser_node_and_torch_trainer_train_in_the_same_rounds(processes, chromium, loopback_namespace):
-    coordinator = processes.coordinator(*JOB)
+    # int8 on the wire: the page quantises on the GPU (WGSL), the trainer with torch; both must be accepted
+    coordinator = processes.coordinator(*JOB, "--codec", "int8")
     coordinator.wait_ready()
     page = open_page(chromium, coordinator.url)
     page.click("#contribute")
@@ -100,6 +101,10 @@ def test_browser_node_and_torch_trainer_train_in_the_same_rounds(processes, chro
     shared = [r for r, ids in by_round.items() if ids == {kinds["browser"]["id"], kinds["trainer"]["id"]}]
     assert len(shared) >= 2, by_round
     assert all(h["rejected"] == 0 for h in status["history"]), status["history"]
+    n = status["job"]["params"]
+    int8_bytes = 4 * -(-n // 256) + n  # a float32 scale per 256 values, then one byte per value
+    assert status["job"]["codec"] == "int8"
+    assert all(h["bytes"] == h["accepted"] * int8_bytes for h in status["history"][1:]), status["history"]
 
     # Stop leaves cleanly: the coordinator hears the goodbye and the page says it stopped
     page.click("#stop")

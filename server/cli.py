@@ -27,6 +27,7 @@ def _positive_int(text: str) -> int:
 
 def serve_parser() -> argparse.ArgumentParser:
     from server.coordinator import JobConfig
+    from shared import aggregate, compress
     from shared.model import MODEL_SIZES
 
     d = JobConfig()
@@ -48,6 +49,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per inner step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial parameters (default: %(default)s)")
+    p.add_argument("--codec", default=d.codec, choices=list(compress.CODECS),
+                   help="how nodes send pseudo-gradients; fixed for the job's life (default: %(default)s)")
+    p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
+                   help="how the coordinator combines updates; governed, so votes may change it "
+                        "(default: %(default)s)")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: the --host address "
                         "when it is a loopback address, else every interface")
@@ -107,7 +113,8 @@ def serve(argv: list[str]) -> int:
 
     try:
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
-                        round_deadline=args.round_deadline, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+                        round_deadline=args.round_deadline, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        codec=args.codec, aggregator=args.aggregator)
         corpus = load_corpus(args.data)
         ice = args.ice_host
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:
