@@ -1,0 +1,730 @@
+"""The swarm simulator: the real Coordinator, driven in one asyncio process by simulated workers (torch CPU, real
+corpus shards, real codecs, signed Updates) over in-process links that carry the real wire frames.
+
+It measures robustness to attackers, churn and compression at a scale one machine holds. Never open a socket,
+and never reach into the coordinator's round logic: workers see and send only the frames a real node would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import hashlib
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from server import aggregation
+from server.codecs import TorchErrorFeedback
+from server.coordinator import Coordinator, JobConfig, NodeSession
+from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
+from server.keys import NodeKey, SignatureError, verify
+from server.link import FrameReceiver, Link, LinkClosed
+from server.model import GPT, flat_parameters, load_flat_parameters
+from server.training import byte_tensor, sample_batch
+from shared import compress
+from shared.governance import GovernanceError
+from shared.identity import signing_bytes
+from shared.model import MODEL_SIZES
+from shared.rewards import LedgerError, check_receipt, receipt_bytes
+from shared.wire import (Bye, Error, Message, ModelRequest, PayloadHeader, Receipt, RoundClosed, RoundOpen, Update,
+                         UpdateResult)
+
+log = logging.getLogger("swarmgrad.simulate")
+
+ATTACKS = ("signflip", "noise", "scale", "alie")
+MAX_BYZANTINE = 0.5  # at half or more liars no rule can tell the honest side; refuse the question
+SCALE_ATTACK_FACTOR = 100.0  # how much the "scale" attacker blows up its honest update
+# Rounds take seconds here, not the minutes of a real swarm, so the wall-clock deadline must never cut a
+# simulated worker: the widest deadline the default rules allow. Workers run while the event loop is blocked,
+# so the coordinator sees every update of a round before it can look at the clock.
+SIM_ROUND_DEADLINE_S = 3600.0
+WAIT_TIMEOUT_S = 600.0  # a coordinator that says nothing for this long is stuck: fail, do not hang
+# The default rulebook caps joins at 60 per wall-clock minute. A simulated minute holds dozens of rounds, so
+# the cap would measure the simulator's speed rather than the swarm's churn; the simulator lifts it (and says so).
+JOIN_RULE_DEFAULT = '{ param = "joins_last_minute", op = "<", value = 60 }'
+JOIN_RULE_SIMULATED = '{ param = "joins_last_minute", op = "<", value = 1000000000 }'
+DEFAULT_OUT = Path("swarmgrad-sim")
+
+
+class SimulationError(ValueError):
+    """The simulation was asked for something it cannot run, or the coordinator stopped answering."""
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """One simulated run. Fractions are of the worker count; the job fields mean what JobConfig's mean."""
+
+    workers: int = 12
+    byzantine: float = 0.0  # share of workers that attack
+    attack: str = "signflip"
+    aggregator: str = "mean"
+    codec: str = "fp32"
+    churn: float = 0.0  # share of workers replaced by new ones (new keys) after each round
+    rounds: int = 10
+    inner_steps: int = 10
+    batch_size: int = 8
+    lr: float = 3e-3
+    outer_lr: float = JobConfig().outer_lr
+    outer_momentum: float = JobConfig().outer_momentum
+    model: str = "tiny"
+    seed: int = 0
+    tolerate: float | None = None  # the f the robust rules are told, as a share; None: max(0.25, attackers' share)
+    scale_factor: float = SCALE_ATTACK_FACTOR
+    out: Path | None = DEFAULT_OUT  # CSV and PNG go here; None writes nothing
+    data: Path | None = None  # a corpus path (default: the Python standard library's source)
+    corpus_bytes: int = DEFAULT_MAX_BYTES
+    rules: Path | None = None  # a rulebook TOML (default: shared/default_rules.toml with the join cap lifted)
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise SimulationError(f"--workers must be at least 1, got {self.workers}")
+        if not 0.0 <= self.byzantine < MAX_BYZANTINE:
+            raise SimulationError(f"--byzantine must be a fraction in [0, {MAX_BYZANTINE}), got {self.byzantine}")
+        if self.attack not in ATTACKS:
+            raise SimulationError(f"unknown --attack {self.attack!r}; known: {', '.join(ATTACKS)}")
+        if self.aggregator not in aggregation.RULES:
+            raise SimulationError(f"unknown --aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
+        if self.codec not in compress.CODECS:
+            raise SimulationError(f"unknown --codec {self.codec!r}; known: {', '.join(compress.CODECS)}")
+        if not 0.0 <= self.churn < 1.0:
+            raise SimulationError(f"--churn must be a fraction in [0, 1), got {self.churn}")
+        if self.tolerate is not None and not 0.0 <= self.tolerate < MAX_BYZANTINE:
+            raise SimulationError(f"--tolerate must be a fraction in [0, {MAX_BYZANTINE}), got {self.tolerate}")
+        if self.rounds < 1 or self.inner_steps < 1 or self.batch_size < 1 or self.threads < 1:
+            raise SimulationError("--rounds, --inner-steps, --batch-size and --threads must be at least 1")
+        if self.corpus_bytes < 65_536:
+            raise SimulationError(f"--corpus-bytes must be at least 65536 (one shard), got {self.corpus_bytes}")
+        if self.model not in MODEL_SIZES:
+            raise SimulationError(f"unknown --model {self.model!r}; known: {', '.join(MODEL_SIZES)}")
+        if self.byzantine > 0 and self.attackers == 0:
+            raise SimulationError(f"--byzantine {self.byzantine} of {self.workers} workers rounds to no attacker")
+
+    @property
+    def attackers(self) -> int:
+        return round(self.byzantine * self.workers)
+
+    @property
+    def tolerated_fraction(self) -> float:
+        if self.tolerate is not None:
+            return self.tolerate
+        # a hair above the attackers' share, so that int(n * fraction) lands on the attacker count
+        return max(JobConfig().byzantine_fraction, self.attackers / self.workers + 1e-9)
+
+
+# -- attacks -------------------------------------------------------------------------------------------------
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al. 2019 ("A little is enough"), the largest z that keeps the attackers inside the honest
+    spread: s = floor(n/2 + 1) - f supporters are needed, z = Phi^-1((n - s) / n)."""
+    s = max(1, n // 2 + 1 - f)
+    return NormalDist().inv_cdf((n - s) / n)
+
+
+def corrupt(attack: str, honest: list[torch.Tensor], byzantine: list[int], gen: torch.Generator,
+            scale_factor: float = SCALE_ATTACK_FACTOR) -> dict[int, torch.Tensor]:
+    """What each attacker in `byzantine` (indices into `honest`) sends instead of its honest update.
+
+    signflip: -g (the honest norm). noise: a Gaussian direction at the honest norm. scale: g x scale_factor.
+    alie: every attacker sends mean - z * std of the round's honest updates, coordinate-wise (the colluders
+    are omniscient: Baruch et al.'s strongest setting).
+    """
+    if attack == "alie":
+        stacked = torch.stack(honest).double()
+        forged = (stacked.mean(0) - alie_z(len(honest), len(byzantine)) * stacked.std(0, unbiased=False)).float()
+        return {i: forged for i in byzantine}
+    out = {}
+    for i in byzantine:
+        g = honest[i]
+        if attack == "signflip":
+            out[i] = -g
+        elif attack == "noise":
+            noise = torch.randn(g.shape, generator=gen)
+            out[i] = noise * (g.norm() / noise.norm().clamp_min(1e-30))
+        elif attack == "scale":
+            out[i] = g * scale_factor
+        else:
+            raise SimulationError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
+    return out
+
+
+# -- in-process links ----------------------------------------------------------------------------------------
+
+
+class InProcessLink(Link):
+    """A Link whose frames go straight into the peer's frame handler: the encoded JSON text frames and binary
+    chunks of shared/wire.py, byte for byte, with no socket in between."""
+
+    path = "in-process"
+
+    def __init__(self, deliver: Callable[[str | bytes], Awaitable[None]]) -> None:
+        super().__init__()
+        self._deliver = deliver
+        self.open = True
+
+    @property
+    def is_open(self) -> bool:
+        return self.open
+
+    async def _send_text(self, text: str) -> None:
+        if not self.open:
+            raise LinkClosed("in-process link closed")
+        await self._deliver(text)
+
+    async def _send_bytes(self, data: bytes) -> None:
+        if not self.open:
+            raise LinkClosed("in-process link closed")
+        await self._deliver(data)
+
+
+# -- workers -------------------------------------------------------------------------------------------------
+
+
+def worker_key(seed: int, index: int) -> NodeKey:
+    """Keys from the seed, so that two runs with one seed have the same node ids and so the same batches."""
+    secret = hashlib.sha256(f"swarmgrad-sim:{seed}:{index}".encode()).digest()
+    return NodeKey(Ed25519PrivateKey.from_private_bytes(secret))
+
+
+@dataclass(eq=False)
+class SimWorker:
+    """One simulated node: what server/trainer.py keeps between rounds, plus the frames it has received."""
+
+    index: int
+    key: NodeKey
+    byzantine: bool
+    max_payload: int
+    session: NodeSession | None = None
+    uplink: InProcessLink | None = None  # worker -> coordinator
+    downlink: InProcessLink | None = None  # coordinator -> worker
+    assignment: RoundOpen | None = None
+    closed: RoundClosed | None = None
+    results: dict[int, UpdateResult] = field(default_factory=dict)
+    model_hash: str | None = None  # the global model it holds (its parameters live in Simulation.models)
+    optimizer_state: dict | None = None  # AdamW state kept across rounds, as the trainer keeps it
+    error_feedback: TorchErrorFeedback | None = None
+    receipts: int = 0
+    removed: str = ""  # why the coordinator sent this worker away (quarantine, job finished)
+    receiver: FrameReceiver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.receiver = FrameReceiver(self.max_payload)
+
+    @property
+    def node_id(self) -> str:
+        return self.key.node_id
+
+
+class Simulation:
+    """Runs one simulated job; `run()` returns the per-round rows and the summary."""
+
+    def __init__(self, options: SimOptions, corpus: Corpus, data_dir: Path,
+                 on_round: Callable[[dict], None] | None = None, progress: "ProgressBar | None" = None):
+        self.options = options
+        self.corpus = corpus
+        self.on_round = on_round or (lambda row: None)
+        self.progress = progress or ProgressBar(False)
+        rules = options.rules.read_text() if options.rules else simulation_rules()
+        job = JobConfig(model=options.model, inner_steps=options.inner_steps, lr=options.lr,
+                        batch_size=options.batch_size, round_deadline=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
+                        outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
+                        aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
+                        codec=options.codec, seed=options.seed)
+        self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules)
+        self.model = GPT(self.coordinator.cfg)
+        self.rng = random.Random(options.seed)
+        self.attack_gen = torch.Generator().manual_seed(options.seed + 1)
+        self.max_payload = 4 * self.coordinator.n_params + 1024
+        self.workers: list[SimWorker] = []
+        # every worker downloads the model over its own link, but one copy per hash is kept: 100 workers of a
+        # larger model would not fit otherwise
+        self.models: dict[str, np.ndarray] = {}
+        self.next_index = 0
+        self.refused: list[str] = []
+        self.uplink_bytes = 0
+        self._changed = asyncio.Event()
+
+    # -- membership --------------------------------------------------------------------------------------
+
+    def _new_worker(self, byzantine: bool) -> SimWorker:
+        worker = SimWorker(self.next_index, worker_key(self.options.seed, self.next_index), byzantine,
+                           self.max_payload)
+        self.next_index += 1
+        return worker
+
+    async def _join(self, worker: SimWorker) -> bool:
+        """What the signaling layer does for a node whose hello verified: admit, attach, link, ready."""
+        refusal = self.coordinator.admit(worker.node_id, "trainer")
+        if refusal is not None:
+            self.refused.append(refusal)
+            return False
+        session = NodeSession(worker.node_id, "trainer", "simulated")
+        worker.session = session
+        self.coordinator.attach(session)
+        receiver = FrameReceiver(self.max_payload)
+
+        async def to_coordinator(frame: str | bytes) -> None:
+            self.uplink_bytes += len(frame)
+            item = receiver.feed(frame)
+            if isinstance(item, tuple):
+                await self.coordinator.on_payload(session, *item)
+            elif isinstance(item, Message):
+                await self.coordinator.on_message(session, item)
+
+        async def to_worker(frame: str | bytes) -> None:
+            self._on_frame(worker, frame)
+
+        worker.uplink, worker.downlink = InProcessLink(to_coordinator), InProcessLink(to_worker)
+        session.link = worker.downlink
+        self.workers.append(worker)
+        await self.coordinator.node_ready(session)
+        return True
+
+    async def _leave(self, worker: SimWorker, reason: str) -> None:
+        if worker.uplink is not None and worker.uplink.open:
+            try:
+                await worker.uplink.send_message(Bye(reason))
+            except LinkClosed:
+                pass
+        self._drop(worker, reason)
+
+    def _drop(self, worker: SimWorker, reason: str) -> None:
+        for link in (worker.uplink, worker.downlink):
+            if link is not None:
+                link.open = False
+        worker.removed = worker.removed or reason
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    def _on_frame(self, worker: SimWorker, frame: str | bytes) -> None:
+        """The worker's side of its link: what the trainer's `_next` and `_train_round` read."""
+        item = worker.receiver.feed(frame)
+        if isinstance(item, tuple):
+            header, data = item
+            if header.kind == "model":
+                if header.sha256 not in self.models:  # a newer model: no worker trains on the older one again
+                    self.models = {header.sha256: np.frombuffer(data, "<f4")}
+                worker.model_hash = header.sha256
+        elif isinstance(item, RoundOpen):
+            worker.assignment = item
+        elif isinstance(item, RoundClosed):
+            worker.closed = item
+        elif isinstance(item, UpdateResult):
+            worker.results[item.round] = item
+        elif isinstance(item, Receipt):
+            try:
+                entry = check_receipt(item.entry, worker.node_id)
+                verify(self.coordinator.key.node_id, receipt_bytes(entry), item.signature)
+                worker.receipts += 1
+            except (LedgerError, SignatureError) as e:
+                raise SimulationError(f"the coordinator sent {worker.node_id[:12]} a bad receipt: {e}") from e
+        elif isinstance(item, Error) and item.fatal:
+            worker.removed = f"[{item.code}] {item.message}"
+        elif isinstance(item, Bye):
+            worker.removed = worker.removed or f"bye: {item.reason}"
+        self._changed.set()
+
+    async def _wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + WAIT_TIMEOUT_S
+        while not condition():
+            if self._task.done():
+                self._task.result()  # the coordinator's own exception, if it raised one
+                raise SimulationError(f"the coordinator stopped while the simulation waited for {what}")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise SimulationError(f"no progress in {WAIT_TIMEOUT_S:.0f}s waiting for {what}") from None
+
+    # -- one worker's round ----------------------------------------------------------------------------------
+
+    async def _fetch_model(self, worker: SimWorker, assignment: RoundOpen) -> None:
+        verify(self.coordinator.key.node_id,
+               signing_bytes("model", {"round": assignment.round, "model_hash": assignment.model_hash}),
+               assignment.model_signature)
+        if worker.model_hash != assignment.model_hash:
+            await worker.uplink.send_message(ModelRequest(assignment.round, assignment.model_hash))
+            if worker.model_hash != assignment.model_hash:
+                raise SimulationError(f"worker {worker.index} asked for model {assignment.model_hash[:12]} and "
+                                      "did not get it")
+
+    def _train(self, worker: SimWorker, assignment: RoundOpen) -> tuple[torch.Tensor, float, float, int, float]:
+        """H inner AdamW steps from the global model on the assigned shard, as Trainer._inner_steps runs them.
+        Returns (pseudo_gradient, loss_first, loss_last, tokens, seconds)."""
+        cfg = assignment.config
+        steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
+        global_params = torch.from_numpy(self.models[worker.model_hash].copy())
+        load_flat_parameters(self.model, global_params)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(cfg["lr"]),
+                                      weight_decay=float(cfg.get("weight_decay", 0.0)))
+        if worker.optimizer_state is not None:
+            optimizer.load_state_dict(worker.optimizer_state)
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
+        shard = byte_tensor(self.corpus.shard(assignment.shard))
+        seed = int.from_bytes(hashlib.sha256(f"{worker.node_id}:{assignment.round}".encode()).digest()[:8], "little")
+        gen = torch.Generator().manual_seed(seed)
+        self.model.train()
+        loss_first = loss_last = float("nan")
+        started = time.perf_counter()
+        for step in range(steps):
+            x, y = sample_batch(shard, batch, seq, gen)
+            _, loss = self.model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_last = loss.item()
+            if step == 0:
+                loss_first = loss_last
+        seconds = time.perf_counter() - started
+        worker.optimizer_state = optimizer.state_dict()
+        return global_params - flat_parameters(self.model), loss_first, loss_last, steps * batch * seq, seconds
+
+    async def _upload(self, worker: SimWorker, assignment: RoundOpen, values: torch.Tensor, trained: tuple) -> None:
+        """Encode, sign and send one update, as Trainer._train_round does; the verdict comes back at once."""
+        _, loss_first, loss_last, tokens, seconds = trained
+        spec = compress.CodecSpec.from_dict(assignment.config.get("codec", {"name": "fp32"}))
+        if worker.error_feedback is None:
+            worker.error_feedback = TorchErrorFeedback(values.numel())
+        payload = worker.error_feedback.encode(spec, values)
+        steps = int(assignment.config["inner_steps"])
+
+        def signed_update(header: PayloadHeader) -> Update:
+            u = Update(worker.node_id, assignment.round, assignment.model_hash, tokens, steps, loss_first, loss_last,
+                       spec.to_dict(), values.numel(), header.transfer_id, header.sha256, header.total_bytes,
+                       "0" * 128, seconds)
+            return Update(**{**u.__dict__, "signature": worker.key.sign(signing_bytes("update", u.signing_fields()))})
+
+        await worker.uplink.send_payload("update", payload, {"round": assignment.round}, announce=signed_update)
+
+    # -- the run -------------------------------------------------------------------------------------------------
+
+    async def run(self) -> tuple[list[dict], dict]:
+        o = self.options
+        started = time.monotonic()
+        self._task = asyncio.create_task(self.coordinator.run())
+        roles = [True] * o.attackers + [False] * (o.workers - o.attackers)
+        self.rng.shuffle(roles)
+        for byzantine in roles:
+            await self._join(self._new_worker(byzantine))
+        history = self.coordinator.status()["history"]
+        rows = [self._row(history[0], 0, 0, Counter(), 0, 0.0)]
+        self.on_round(rows[0])
+        try:
+            for r in range(o.rounds):
+                rows.append(await self._round(r))
+                self.on_round(rows[-1])
+            await self._wait_for(lambda: self._task.done(), "the job to finish")
+            self._task.result()
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+        return rows, self._summary(rows, time.monotonic() - started)
+
+    async def _round(self, r: int) -> dict:
+        o = self.options
+        round_started = time.monotonic()
+        uplink_before = self.uplink_bytes
+        if not self.workers:
+            raise SimulationError(f"round {r}: no worker is left (refused joins: {self.refused or 'none'})")
+        await self._wait_for(lambda: all(w.assignment is not None and w.assignment.round == r for w in self.workers),
+                             f"round {r} assignments")
+        workers = list(self.workers)
+        trained = []
+        for i, w in enumerate(workers):
+            self.progress.show(r, o.rounds, i, len(workers))
+            await self._fetch_model(w, w.assignment)
+            trained.append(self._train(w, w.assignment))
+        honest = [t[0] for t in trained]
+        attackers = [i for i, w in enumerate(workers) if w.byzantine]
+        forged = corrupt(o.attack, honest, attackers, self.attack_gen, o.scale_factor) if attackers else {}
+        for i, w in enumerate(workers):
+            await self._upload(w, w.assignment, forged.get(i, honest[i]), trained[i])
+        verdicts = [w.results.get(r) for w in workers]
+        if any(v is None for v in verdicts):
+            raise SimulationError(f"round {r}: {verdicts.count(None)} update(s) got no verdict")
+        rejected_by = Counter(rule for v in verdicts if not v.accepted for rule in v.rule.split(","))
+        await self._wait_for(lambda: self.coordinator.round > r, f"round {r} to close")
+        history = self.coordinator.status()["history"][-1]
+        quarantined = 0
+        for w in list(self.workers):
+            if w.removed:
+                quarantined += w.removed.startswith("[quarantined]")
+                self._drop(w, w.removed)
+        joined = left = 0
+        if o.churn and r + 1 < o.rounds:
+            leaving = self.rng.sample(self.workers, min(len(self.workers), round(o.churn * len(self.workers))))
+            for w in leaving:
+                await self._leave(w, "churn")
+                left += 1
+                joined += await self._join(self._new_worker(w.byzantine))
+        row = self._row(history, joined, left, rejected_by, self.uplink_bytes - uplink_before,
+                        time.monotonic() - round_started)
+        row.update(workers=len(workers), attackers=len(attackers), quarantined=quarantined,
+                   honest_norm=float(torch.stack([g.norm() for g in honest]).mean()))
+        self.progress.show(r + 1, o.rounds, len(workers), len(workers), row["val_loss"])
+        return row
+
+    def _row(self, h: dict, joined: int, left: int, rejected_by: Counter, uplink: int, seconds: float) -> dict:
+        return {"round": h["round"], "val_loss": h["val_loss"], "accepted": h["accepted"], "rejected": h["rejected"],
+                "bytes": h["bytes"], "uplink_bytes": uplink, "workers": len(self.workers), "attackers": 0,
+                "joined": joined, "left": left, "quarantined": 0, "honest_norm": 0.0, "rejected_by": dict(rejected_by),
+                "seconds": round(seconds, 3)}
+
+    def _summary(self, rows: list[dict], seconds: float) -> dict:
+        played = rows[1:]
+        accepted = sum(r["accepted"] for r in played)
+        rejected_by: Counter = Counter()
+        for r in played:
+            rejected_by.update(r["rejected_by"])
+        return {"final_val_loss": rows[-1]["val_loss"], "initial_val_loss": rows[0]["val_loss"],
+                "bytes_per_round": sum(r["bytes"] for r in played) / len(played),
+                "bytes_per_update": sum(r["bytes"] for r in played) / max(1, accepted),
+                "uplink_bytes_per_round": sum(r["uplink_bytes"] for r in played) / len(played),
+                "accepted": accepted, "rejected": sum(r["rejected"] for r in played),
+                "rejected_by": dict(rejected_by), "quarantined": sum(r["quarantined"] for r in played),
+                "refused_joins": len(self.refused), "rounds": len(played), "params": self.coordinator.n_params,
+                "seconds": round(seconds, 2),
+                "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()}}
+
+
+def simulation_rules() -> str:
+    """The default rulebook with the join-rate cap lifted (see JOIN_RULE_SIMULATED)."""
+    text = (Path(compress.__file__).parent / "default_rules.toml").read_text()
+    if JOIN_RULE_DEFAULT not in text:
+        raise SimulationError("shared/default_rules.toml no longer has the joins-per-minute rule the simulator "
+                              "lifts; update server/simulate.py's JOIN_RULE_DEFAULT")
+    return text.replace(JOIN_RULE_DEFAULT, JOIN_RULE_SIMULATED)
+
+
+# -- outputs -------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("round", "val_loss", "accepted", "rejected", "bytes", "uplink_bytes", "workers", "attackers",
+               "joined", "left", "quarantined", "honest_norm", "seconds")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plot(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never ask for a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["round"] for r in rows], [r["val_loss"] for r in rows], marker="o")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def describe(o: SimOptions) -> str:
+    attack = f"{o.attackers} {o.attack} attacker(s)" if o.attackers else "no attackers"
+    return (f"{o.workers} workers, {attack}, {o.aggregator}, {o.codec}, churn {o.churn:g}, H={o.inner_steps}, "
+            f"batch {o.batch_size}, seed {o.seed}")
+
+
+class ProgressBar:
+    """A bar on stderr: redrawn in place on a terminal, one line per round otherwise. Never on stdout."""
+
+    WIDTH = 30
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def show(self, done_rounds: int, rounds: int, worker: int, workers: int, val_loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        partial = 0.0 if val_loss is not None else worker / max(1, workers)  # a round just closed: no partial
+        fraction = min(1.0, (done_rounds + partial) / rounds)
+        filled = int(self.WIDTH * fraction)
+        loss = "" if val_loss is None else f" | val loss {val_loss:.4f}"
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        text = f"[{bar}] round {done_rounds}/{rounds} | worker {worker}/{workers}{loss}"
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if done_rounds == rounds and val_loss is not None else ""))
+            self.stream.flush()
+        elif val_loss is not None:
+            print(text, file=self.stream, flush=True)
+
+
+@dataclass
+class SimulationResult:
+    rows: list[dict]
+    summary: dict
+    csv_path: Path | None
+    png_path: Path | None
+
+
+def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None = None,
+                   progress: bool = False) -> SimulationResult:
+    """Run one simulated job in a fresh temporary data directory; write the CSV and PNG when options.out is set."""
+    torch.set_num_threads(options.threads)
+    try:
+        corpus = load_corpus(options.data, options.corpus_bytes)
+    except CorpusError as e:
+        raise SimulationError(str(e)) from e
+    with tempfile.TemporaryDirectory(prefix="swarmgrad-sim-") as tmp:
+        try:
+            sim = Simulation(options, corpus, Path(tmp), on_round, ProgressBar(progress))
+        except (GovernanceError, OSError) as e:
+            raise SimulationError(f"cannot start the simulated coordinator: {e}") from e
+        try:
+            rows, summary = asyncio.run(sim.run())
+        finally:
+            sim.coordinator.store.close()
+    csv_path = png_path = None
+    if options.out is not None:
+        options.out.mkdir(parents=True, exist_ok=True)
+        csv_path, png_path = options.out / "rounds.csv", options.out / "val_loss.png"
+        write_csv(csv_path, rows)
+        write_plot(png_path, rows, describe(options))
+        summary.update(csv=str(csv_path), png=str(png_path))
+    return SimulationResult(rows, summary, csv_path, png_path)
+
+
+# -- command line --------------------------------------------------------------------------------------------
+
+
+def _fraction(upper: float, closed: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0.0 <= value <= upper if closed else 0.0 <= value < upper):
+            raise argparse.ArgumentTypeError(f"must be a fraction in [0, {upper}{']' if closed else ')'}, got {value}")
+        return value
+
+    return parse
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    d = SimOptions()
+    p = argparse.ArgumentParser(prog="python -m server simulate", description=(
+        "Simulate a swarm in one process: the real coordinator (rounds, governance, ledger, aggregation, codecs) "
+        "and N simulated workers (torch CPU, real corpus shards, signed updates) over in-process links, with "
+        "attackers and churn. Writes a CSV and a PNG of the validation loss per round into --out."))
+    p.add_argument("--workers", type=_at_least_one, default=d.workers, help="simulated workers (default: %(default)s)")
+    p.add_argument("--byzantine", type=_fraction(MAX_BYZANTINE), default=d.byzantine, metavar="FRACTION",
+                   help="share of workers that attack, in [0, 0.5) (default: %(default)s)")
+    p.add_argument("--attack", choices=ATTACKS, default=d.attack,
+                   help="signflip: -g; noise: Gaussian at the honest norm; scale: g x --scale-factor; alie: "
+                        "mean - z std of the honest updates (Baruch et al. 2019) (default: %(default)s)")
+    p.add_argument("--aggregator", choices=tuple(aggregation.RULES), default=d.aggregator,
+                   help="the job's aggregation rule, a governed parameter (default: %(default)s)")
+    p.add_argument("--codec", choices=compress.CODECS, default=d.codec, help="update codec (default: %(default)s)")
+    p.add_argument("--churn", type=_fraction(1.0), default=d.churn, metavar="FRACTION",
+                   help="share of workers replaced by new ones after each round (default: %(default)s)")
+    p.add_argument("--rounds", type=_at_least_one, default=d.rounds, help="rounds to run (default: %(default)s)")
+    p.add_argument("--inner-steps", type=_at_least_one, default=d.inner_steps,
+                   help="local AdamW steps per round, H (default: %(default)s)")
+    p.add_argument("--batch-size", type=_at_least_one, default=d.batch_size,
+                   help="sequences per inner step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr,
+                   help="outer Nesterov learning rate (default: %(default)s)")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+                   help="outer Nesterov momentum (default: %(default)s)")
+    p.add_argument("--model", choices=sorted(MODEL_SIZES), default=d.model, help="model size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seeds the model, the worker keys (so their batches) and the attackers (default: %(default)s)")
+    p.add_argument("--tolerate", type=_fraction(MAX_BYZANTINE), default=None, metavar="FRACTION",
+                   help="the share f of updates robust rules are told to tolerate (default: the larger of 0.25 and "
+                        "the attackers' share)")
+    p.add_argument("--scale-factor", type=float, default=d.scale_factor,
+                   help="the scale attack's factor (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where rounds.csv and val_loss.png go "
+                                                                   "(default: %(default)s)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a text corpus: a file or a directory (default: the Python standard library's source)")
+    p.add_argument("--corpus-bytes", type=_at_least_one, default=d.corpus_bytes,
+                   help="read at most this many bytes of the corpus; shards wrap around (default: %(default)s)")
+    p.add_argument("--rules", type=Path, default=None,
+                   help="a rulebook TOML for the job (default: shared/default_rules.toml with the joins-per-minute "
+                        "cap lifted, since simulated minutes hold many rounds)")
+    p.add_argument("--threads", type=_at_least_one, default=d.threads,
+                   help="torch CPU threads; workers run one after another (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per round and a final summary on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the coordinator's log level on stderr (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("swarmgrad").setLevel(args.log_level)
+    try:
+        options = SimOptions(workers=args.workers, byzantine=args.byzantine, attack=args.attack,
+                             aggregator=args.aggregator, codec=args.codec, churn=args.churn, rounds=args.rounds,
+                             inner_steps=args.inner_steps, batch_size=args.batch_size, lr=args.lr,
+                             outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
+                             seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,
+                             data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads)
+    except SimulationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def on_round(row: dict) -> None:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif row["round"] == 0:
+            print(f"simulating {describe(options)}\nround 0: validation loss {row['val_loss']:.4f}", flush=True)
+        else:
+            rejected = f" ({', '.join(f'{k} {v}' for k, v in row['rejected_by'].items())})" if row["rejected"] else ""
+            print(f"round {row['round']}: validation loss {row['val_loss']:.4f}, {row['accepted']} accepted, "
+                  f"{row['rejected']} rejected{rejected}, {row['bytes']:,} bytes", flush=True)
+
+    try:
+        result = run_simulation(options, on_round, progress=not args.no_progress)
+    except SimulationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = result.summary
+    if args.json:
+        print(json.dumps(s), flush=True)
+    else:
+        print(f"final validation loss {s['final_val_loss']:.4f} (from {s['initial_val_loss']:.4f}), "
+              f"{s['bytes_per_round']:,.0f} bytes per round, {s['accepted']} accepted, {s['rejected']} rejected, "
+              f"{s['seconds']:.1f}s\nwrote {s.get('csv')} and {s.get('png')}", flush=True)
+    return 0
