@@ -141,8 +141,19 @@ def _parse_value(text: str):
         return text  # a bare word, e.g. an aggregator name
 
 
+def _post_stamped(coordinator: str, path: str, make) -> dict:
+    """Post `make(current_round)` (a signed Proposal or Vote). A round may close between reading the round and
+    the post landing, and the coordinator then refuses the stale stamp: stamp and sign anew, a few times."""
+    for _ in range(STAMP_TRIES - 1):
+        try:
+            return _post(coordinator, path, make(_current_round(coordinator)).to_dict())
+        except RuntimeError as e:
+            if "before boundary" not in str(e) and "predates" not in str(e):
+                raise
+    return _post(coordinator, path, make(_current_round(coordinator)).to_dict())
+
+
 def governance_propose(args) -> int:
-    """Sign and post a proposal stamped with the current round (re-stamped if a round closes meanwhile)."""
     key = NodeKey.load_or_create(args.key_file)
     if args.set_param:
         name, _, value = args.set_param.partition("=")
@@ -152,41 +163,34 @@ def governance_propose(args) -> int:
     else:
         kind = "add_rule" if args.add_rule else "change_rule"
         payload = {"rule": json.loads(args.add_rule or args.change_rule)}
-    for attempt in range(STAMP_TRIES):
-        try:
-            proposal = Proposal(key.node_id, kind, payload, _current_round(args.coordinator), args.note)
-            proposal = dataclasses.replace(proposal, signature=key.sign(proposal.signing_bytes()))
-            state = _post(args.coordinator, "/api/governance/proposals", proposal.to_dict())
-            break
-        except RuntimeError as e:
-            if "before boundary" in str(e) and attempt + 1 < STAMP_TRIES:
-                continue
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    print(f"proposal {proposal.id} is open ({state['status']}); vote with: python -m server governance vote "
-          f"--coordinator {args.coordinator} --key-file KEY {proposal.id} yes")
+
+    def signed(round_: int) -> Proposal:
+        proposal = Proposal(key.node_id, kind, payload, round_, args.note)
+        return dataclasses.replace(proposal, signature=key.sign(proposal.signing_bytes()))
+
+    try:
+        state = _post_stamped(args.coordinator, "/api/governance/proposals", signed)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    proposal_id = state["proposal"]["id"]
+    print(f"proposal {proposal_id} is open ({state['status']}); vote with: python -m server governance vote "
+          f"--coordinator {args.coordinator} --key-file KEY {proposal_id} yes")
     return 0
 
 
 def governance_vote(args) -> int:
     key = NodeKey.load_or_create(args.key_file)
-    for attempt in range(STAMP_TRIES):
-        try:
-            vote = Vote(args.proposal_id, key.node_id, args.choice == "yes", _current_round(args.coordinator))
-            vote = dataclasses.replace(vote, signature=key.sign(vote.signing_bytes()))
-            _post(args.coordinator, "/api/governance/votes", vote.to_dict())
-            break
-        except RuntimeError as e:
-            if "predates" in str(e) and attempt + 1 < STAMP_TRIES:
-                continue
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+
+    def signed(round_: int) -> Vote:
+        vote = Vote(args.proposal_id, key.node_id, args.choice == "yes", round_)
+        return dataclasses.replace(vote, signature=key.sign(vote.signing_bytes()))
+
+    try:
+        _post_stamped(args.coordinator, "/api/governance/votes", signed)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"vote recorded: {args.choice} on {args.proposal_id} by {key.node_id[:12]}…")
     return 0
 
