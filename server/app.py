@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,6 +31,19 @@ BROWSER_DIR = PROJECT_ROOT / "browser"
 PYODIDE_DIR = PROJECT_ROOT / "node_modules" / "pyodide"
 
 
+MAX_REQUEST_BYTES = 65_536  # a signed proposal or vote is a few hundred bytes; nothing we accept is larger
+
+
+async def read_json(request: Request) -> object:
+    """The request's JSON body, read no further than MAX_REQUEST_BYTES (ValueError beyond, or on bad JSON)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            raise ValueError(f"request body exceeds {MAX_REQUEST_BYTES} bytes")
+    return json.loads(body)
+
+
 def create_app(coordinator: Coordinator) -> Starlette:
     signaling = SignalingServer(coordinator)
 
@@ -48,7 +62,7 @@ def create_app(coordinator: Coordinator) -> Starlette:
     async def submit(request: Request, kind: str) -> Response:
         """POST a signed proposal or vote (JSON of shared.governance.Proposal / Vote, signature included)."""
         try:
-            body = await request.json()
+            body = await read_json(request)
             if kind == "proposal":
                 result = coordinator.governor.propose(Proposal.from_dict(body))
             else:

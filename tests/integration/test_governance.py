@@ -129,3 +129,29 @@ def test_a_trainer_slower_than_the_deadline_adapts_h_and_makes_the_next_deadline
     adapted_h, received = updates[1]
     assert adapted_h < 1000
     assert received <= rounds[1][1]  # ... and the adapted round made its deadline
+
+
+def test_malformed_or_oversized_proposals_are_refused_and_change_nothing(processes):
+    import urllib.error
+    import urllib.request
+
+    coordinator = processes.coordinator()
+    coordinator.wait_ready()
+    before = coordinator.status_of("/api/governance")
+
+    def post(body: bytes) -> tuple[int, str]:
+        request = urllib.request.Request(coordinator.url + "/api/governance/proposals", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for body, expected in [(b"{not json", "refused"), (b"x" * 100_000, "exceeds"),
+                           (json.dumps({"proposer": "a" * 64, "kind": "set_param", "round": 0,
+                                        "payload": {"name": "lr", "value": 0.001}, "signature": "0" * 128}).encode(),
+                            "signature")]:
+        code, text = post(body)
+        assert code == 400 and expected in text, (code, text)
+    assert coordinator.status_of("/api/governance") == before
