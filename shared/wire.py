@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import struct
+import time
 import typing
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ MAX_PAYLOAD_BYTES = 1 << 30  # 1 GiB: far above any model we train here, far bel
 MAX_TRANSFERS_IN_FLIGHT = 4  # per link and direction
 MAX_STRING = 4_096  # default limit for a string field; SDP has its own
 MAX_SDP = 60_000
+MAX_CONTROL_RATE = 50.0  # control messages per second a peer may send on one link, on average ...
+MAX_CONTROL_BURST = 200  # ... and at once (a round needs a handful; this only stops floods)
 
 
 class WireError(ValueError):
@@ -509,14 +512,27 @@ class FrameReceiver:
     it allocate. Every peer uses this one class: the coordinator, the trainer and the browser node.
     """
 
-    def __init__(self, max_payload_bytes: int) -> None:
+    def __init__(self, max_payload_bytes: int, rate: float = MAX_CONTROL_RATE, burst: int = MAX_CONTROL_BURST,
+                 clock=time.monotonic) -> None:
         self.assembler = PayloadAssembler(max_payload_bytes)
         self.bytes_received = 0
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self._tokens, self._refilled = float(burst), clock()
+
+    def _take_token(self) -> None:
+        """A token bucket over control messages; binary chunks are bounded by their PayloadHeader instead."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            raise LimitExceeded(f"more than {self.rate:g} control messages per second (burst {self.burst})")
+        self._tokens -= 1
 
     def feed(self, frame: str | bytes) -> Message | tuple[PayloadHeader, bytes] | None:
         """One frame in; a Message, a completed (header, payload), or None while a payload is incomplete."""
         self.bytes_received += len(frame)
         if isinstance(frame, str):
+            self._take_token()
             msg = decode_message(frame)
             if isinstance(msg, PayloadHeader):
                 self.assembler.begin(msg)

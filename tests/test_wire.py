@@ -213,3 +213,17 @@ def test_a_failed_transfer_leaves_others_intact():
     with pytest.raises(ChecksumMismatch):
         receiver.add_chunk(bytes(bad))
     assert receiver.add_chunk(next(c2)) == (h2, b"second")
+
+
+def test_a_flood_of_control_messages_is_refused_beyond_the_rate_limit():
+    now = [0.0]
+    receiver = wire.FrameReceiver(1024, rate=10.0, burst=5, clock=lambda: now[0])
+    bye = wire.Bye("x").encode()
+    for _ in range(5):
+        assert receiver.feed(bye) == wire.Bye("x")
+    with pytest.raises(LimitExceeded, match="per second"):
+        receiver.feed(bye)
+    now[0] += 0.1  # one token back after 1/rate seconds
+    assert receiver.feed(bye) == wire.Bye("x")
+    with pytest.raises(LimitExceeded):
+        receiver.feed(bye)
