@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -149,3 +150,30 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
     np.testing.assert_allclose(new_params, params - 0.7 * 1.9 * 1e-3, atol=1e-6)
     after = coordinator.status()
     assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == 1
+
+
+def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(processes):
+    coordinator = processes.coordinator("--round-deadline", "5")
+    coordinator.wait_ready()
+
+    async def scenario():
+        slow, fast = await Client.join(coordinator.url), await Client.join(coordinator.url)
+        first = await slow.receive(RoundOpen)
+        params = await slow.model(first)
+        await fast.receive(RoundOpen)  # round 0 is assigned to both and waits for both, until its deadline
+        good = np.full(params.size, 1e-3, np.float32)
+        assert (await fast.send_update(first, good)).accepted
+        second = await fast.receive(RoundOpen)  # the deadline closed round 0 without the slow node
+        late = await slow.send_update(first, good)  # computed on round 0's model, arriving in round 1
+        while (await slow.receive(RoundOpen)).round < 2:  # round 1 closes at its deadline: round 2 opens
+            pass
+        too_late = await slow.send_update(first, good)  # round 0's model again, now two rounds old
+        return first, second, late, too_late
+
+    first, second, late, too_late = run(scenario())
+    assert second.round == first.round + 1
+    assert late.accepted
+    assert not too_late.accepted and too_late.rule == "max-staleness"
+    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
+        rows = db.execute("SELECT round, accepted, weight FROM updates ORDER BY id").fetchall()
+    assert rows == [(0, 1, 1.0), (0, 1, 0.5)]  # the late one is booked with round 1, at half weight
