@@ -21,6 +21,19 @@ def only_loopback_interfaces() -> bool:
     return {name for _, name in socket.if_nameindex()} <= {"lo"}  # this process's namespace, unlike /sys
 
 
+@pytest.fixture(scope="session")
+def device():
+    """A native WebGPU device (wgpu-py; lavapipe in CI) for the WGSL kernel tests."""
+    from kernels.device import DeviceError
+
+    try:
+        from kernels.device_wgpu import WgpuDevice
+
+        return WgpuDevice()
+    except DeviceError as exc:
+        pytest.fail(f"the kernel tests need a WebGPU adapter (Debian's mesa-vulkan-drivers in CI): {exc}")
+
+
 @pytest.fixture
 def loopback_namespace():
     """WebRTC tests gather ICE candidates; they must run where no interface but `lo` exists."""

@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.device import DeviceError
 from kernels.int8_codec import DeviceInt8Codec
 from server.codecs import decode_numpy, encode_torch
 from shared import compress
 
 SPEC = compress.CodecSpec("int8", {"block": 256})
-
-
-@pytest.fixture(scope="module")
-def device():
-    try:
-        from kernels.device_wgpu import WgpuDevice
-
-        return WgpuDevice()
-    except DeviceError as exc:
-        pytest.fail(f"this test needs a WebGPU adapter (lavapipe in CI): {exc}")
 
 
 def pseudo_gradient(n: int, seed: int) -> np.ndarray:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from kernels import quant
-from kernels.device import DeviceError
 from kernels.int8_codec import DeviceInt8Codec
 from kernels.trainer import DeviceTrainer
 from server.model import GPT, flat_parameters, init_parameters
@@ -28,16 +27,6 @@ SHAPES = {
     "tiny": (MODEL_SIZES["tiny"], 2, 64),
     "one_layer_short_seq": (GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16), 3, 11),
 }
-
-
-@pytest.fixture(scope="module")
-def device():
-    try:
-        from kernels.device_wgpu import WgpuDevice
-
-        return WgpuDevice()
-    except DeviceError as exc:
-        pytest.fail(f"the kernel parity tests need a WebGPU adapter (lavapipe in CI): {exc}")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
