@@ -353,7 +353,8 @@ class BrowserNode:
         received = time.time()
         steps, batch = self.planner.plan(await self._governance(), cfg, assignment.round)
         seq = int(cfg["seq_len"])
-        self.report("round", round=assignment.round, steps=steps, shard=assignment.shard, plan=self.planner.note)
+        # shown as round N, the one whose commit completes N rounds (as the status and dashboard count them)
+        self.report("round", round=assignment.round + 1, steps=steps, shard=assignment.shard, plan=self.planner.note)
         newer: RoundOpen | None = None
         if self.global_hash != assignment.model_hash:
             await self._send(ModelRequest(assignment.round, assignment.model_hash).encode())

@@ -373,7 +373,7 @@ class Coordinator:
             self.node_speed[u.node_id] = u.tokens / u.seconds
         await self._send(session, UpdateResult(u.round, True))
         log.info("round %d: accepted update from %s (%s, H=%d, %d tokens, loss %.3f -> %.3f, norm %.3g, %d bytes)",
-                 rnd.round, session.node_id[:12], session.kind, u.inner_steps, u.tokens, u.loss_first, u.loss_last,
+                 rnd.round + 1, session.node_id[:12], session.kind, u.inner_steps, u.tokens, u.loss_first, u.loss_last,
                  norm, len(data))
         self._changed.set()
 
@@ -382,7 +382,7 @@ class Coordinator:
                             nbytes, weight, time.time())
 
     async def _reject(self, session: NodeSession, u: Update, rule: str, reason: str) -> None:
-        log.warning("round %d: rejected update from %s: [%s] %s", u.round, session.node_id[:12], rule, reason)
+        log.warning("round %d: rejected update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule, reason)
         rnd = self._open
         if rnd is not None and session.node_id not in rnd.reported:
             rnd.records.append(self._record(u, False, f"{rule}: {reason}", u.payload_bytes, 0.0))
@@ -418,14 +418,15 @@ class Coordinator:
             now = time.time()
             rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config())
             self._open = rnd
-            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round, len(self._ready_sessions()),
+            # logs count rounds as status does: round N is the one whose commit completes N rounds
+            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round + 1, len(self._ready_sessions()),
                      rnd.config["inner_steps"], self.deadline_seconds)
             for s in self._ready_sessions():
                 await self._assign(s, rnd)
             while not self._round_complete(rnd):
                 if time.time() >= rnd.deadline and not rnd.accepted:
                     rnd.deadline = time.time() + self.deadline_seconds  # nothing arrived: keep waiting
-                    log.info("round %d: no update by the deadline; extended", rnd.round)
+                    log.info("round %d: no update by the deadline; extended", rnd.round + 1)
                 self._changed.clear()
                 try:
                     await asyncio.wait_for(self._changed.wait(), max(0.05, rnd.deadline - time.time()))
@@ -448,7 +449,7 @@ class Coordinator:
                     f = min(f, max(0, (n - 3) // 2))
                 result = aggregation.RULES[name](matrix, None, f)
         except AggregationError as e:  # too few updates for the rule's f: average this round, and say so
-            log.warning("round %d: %s cannot aggregate %d update(s) (%s); using the mean", rnd.round, name, n, e)
+            log.warning("round %d: %s cannot aggregate %d update(s) (%s); using the mean", rnd.round + 1, name, n, e)
             result = aggregation.RULES["mean"](matrix, weights)
         values = result.values.numpy() if isinstance(result.values, torch.Tensor) else np.asarray(result.values)
         return values.astype(np.float32), list(result.discarded)

@@ -75,7 +75,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Progress:
-    """One status line: rewritten in place on a terminal, printed once per round otherwise."""
+    """One status line: rewritten in place on a terminal, printed once per round otherwise.
+
+    Rounds are shown as users see them everywhere else (status, dashboard): round N is the one whose commit makes
+    N rounds completed, i.e. the one trained on the model after N - 1 rounds (RoundOpen.round = N - 1).
+    """
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -268,8 +272,9 @@ class Trainer:
             pending_round = None
             if isinstance(item, RoundClosed):
                 self.last_val_loss = item.val_loss
+                balance = "" if not self.receipts else f" | balance {self.balance / 1e6:.6f} credits"
                 self.progress.show(f"round {item.round} closed: validation loss {item.val_loss:.4f}, "
-                                   f"{item.accepted} update(s) accepted", final=True)
+                                   f"{item.accepted} update(s) accepted{balance}", final=True)
             elif isinstance(item, RoundOpen):
                 pending_round = await self._train_round(item)
                 if self.options.max_rounds and self.rounds_done >= self.options.max_rounds:
@@ -290,7 +295,7 @@ class Trainer:
                                                                 "model_hash": assignment.model_hash}),
                    assignment.model_signature)
         except SignatureError:
-            log.error("round %d: model signature does not verify; skipping the round", assignment.round)
+            log.error("round %d: model signature does not verify; skipping the round", assignment.round + 1)
             return None
         newer: RoundOpen | None = None
         if self.global_hash != assignment.model_hash:
@@ -344,10 +349,9 @@ class Trainer:
                 self.rounds_done += 1
                 self.accepted += int(item.accepted)
                 verdict = "accepted" if item.accepted else f"rejected [{item.rule}] {item.reason}"
-                self.progress.show(f"round {assignment.round}: update {verdict} | loss {loss_first:.3f} -> "
+                self.progress.show(f"round {assignment.round + 1}: update {verdict} | loss {loss_first:.3f} -> "
                                    f"{loss_last:.3f} | {tokens / max(seconds, 1e-9):,.0f} tok/s | "
-                                   f"H={steps} | {self.accepted} accepted | balance {self.balance / 1e6:.6f}",
-                                   final=True)
+                                   f"H={steps} | {self.accepted} accepted", final=True)
                 return newer
             if isinstance(item, RoundOpen):
                 newer = item
@@ -364,7 +368,7 @@ class Trainer:
             governance = None
         steps, batch = self.planner.plan(governance, cfg, assignment.round)
         if self.planner.note:
-            log.info("round %d: %s", assignment.round, self.planner.note)
+            log.info("round %d: %s", assignment.round + 1, self.planner.note)
         return steps, batch
 
     def _get_json(self, path: str) -> dict:
@@ -388,7 +392,7 @@ class Trainer:
             if step == 0:
                 loss_first = loss_last
             rate = (step + 1) * batch * seq / max(time.time() - started, 1e-9)
-            self.progress.show(f"round {assignment.round} | step {step + 1}/{steps} | {rate:,.0f} tok/s | "
+            self.progress.show(f"round {assignment.round + 1} | step {step + 1}/{steps} | {rate:,.0f} tok/s | "
                                f"loss {loss_last:.3f} | {self.accepted} accepted")
         return loss_first, loss_last, steps * batch * seq
 
