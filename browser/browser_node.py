@@ -14,10 +14,8 @@ import math
 import random
 import time
 from array import array
-from pathlib import Path
 from typing import Any
 
-from kernels.device import Dispatch, grid_for
 from kernels.device_browser import BrowserDevice
 from kernels.quant import QUANT_BLOCK_SIZE
 from kernels.trainer import DeviceTrainer
@@ -46,7 +44,6 @@ RECONNECT_MAX_S = 10.0
 PROGRESS_INTERVAL_S = 0.5  # inner steps are submitted in groups that take about this long, then reported
 ADAMW_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the PyTorch trainer uses
 ADAMW_EPS = 1e-8
-PSEUDO_GRADIENT_WGSL = Path(__file__).with_name("pseudo_gradient.wgsl")
 
 
 class FatalError(Exception):
@@ -93,25 +90,6 @@ def js_bytes(value: Any) -> bytes:
     return value.to_bytes()
 
 
-class PseudoGradient:
-    """theta_global - theta_local on the device (browser/pseudo_gradient.wgsl), read back once per round."""
-
-    def __init__(self, trainer: DeviceTrainer):
-        device = trainer.device
-        self.trainer = trainer
-        self.count = trainer.num_params
-        self.out = device.create_buffer(4 * self.count, "pseudo-gradient")
-        dims = device.create_buffer(16, "pseudo-gradient dims")
-        device.write_buffer(dims, memoryview(self.count.to_bytes(4, "little") + bytes(12)))
-        kernel = device.create_kernel(PSEUDO_GRADIENT_WGSL.read_text(encoding="utf-8"), "pseudo_gradient")
-        binding = device.create_binding(kernel, {0: trainer.global_params, 1: trainer.params, 2: self.out, 3: dims})
-        self.dispatch = Dispatch(kernel, binding, grid_for(-(-self.count // 256)))
-
-    async def read(self) -> bytes:
-        self.trainer.device.submit([self.dispatch])
-        return await self.trainer.device.read_buffer(self.out, 4 * self.count)
-
-
 class BrowserNode:
     """One browser tab as a training node. `bridge` is browser/node.js's Bridge; `gpu` its adapter and device.
 
@@ -128,7 +106,6 @@ class BrowserNode:
         self.agent = agent[:200]
         self.transport = transport
         self.trainer: DeviceTrainer | None = None
-        self.pseudo_gradient: PseudoGradient | None = None
         self.cfg: GPTConfig | None = None
         self.global_params: bytes | None = None
         self.global_hash: str | None = None
@@ -250,7 +227,7 @@ class BrowserNode:
         if num_parameters(cfg) != job["params"]:
             raise FatalError("the coordinator's parameter count does not match this page's model layout; reload")
         if cfg != self.cfg:
-            self.cfg, self.trainer, self.pseudo_gradient = cfg, None, None
+            self.cfg, self.trainer = cfg, None
             self.global_params = self.global_hash = None
 
     async def _open_link(self) -> str:
@@ -424,7 +401,6 @@ class BrowserNode:
     def _trainer(self, batch: int) -> DeviceTrainer:
         if self.trainer is None or self.trainer.max_batch_size < batch:
             self.trainer = DeviceTrainer(self.device, self.cfg, self.global_params, max_batch_size=batch)
-            self.pseudo_gradient = PseudoGradient(self.trainer)
         return self.trainer
 
     async def _inner_steps(self, trainer: DeviceTrainer, round_: int, batches: list, lr: float,
@@ -453,7 +429,7 @@ class BrowserNode:
             scales, codes = await trainer.pseudo_gradient_int8()  # quantised on the GPU; wire: scales, then codes
             return scales.tobytes() + codes
         values = array("f")
-        values.frombytes(await self.pseudo_gradient.read())
+        values.frombytes(await trainer.pseudo_gradient_fp32())
         return compress.encode(spec, values)
 
     async def _shard(self, index: int) -> bytes:

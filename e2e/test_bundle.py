@@ -29,7 +29,7 @@ def test_coordinator_serves_the_bundle_with_an_etag_and_revalidates_it(processes
     assert etag == f'"{hashlib.sha256(body).hexdigest()}"'
     names = set(zipfile.ZipFile(io.BytesIO(body)).namelist())
     assert {"shared/wire.py", "shared/identity.py", "shared/model.py", "kernels/trainer.py", "kernels/matmul.wgsl",
-            "kernels/device_browser.py", "browser_node.py", "browser_probes.py", "pseudo_gradient.wgsl"} <= names
+            "kernels/device_browser.py", "kernels/pseudo_gradient.wgsl", "browser_node.py", "browser_probes.py"} <= names
     # only the protocol, the kernels and the page's Python: nothing of the server, no bytecode
     assert all(n.split("/")[0] in ("shared", "kernels") or "/" not in n for n in names), names
     assert all(n.endswith((".py", ".wgsl", ".toml")) for n in names), names

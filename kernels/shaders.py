@@ -21,6 +21,7 @@ SHADER_FILES = (
     "gelu.wgsl",
     "layer_norm.wgsl",
     "matmul.wgsl",
+    "pseudo_gradient.wgsl",
     "quantize.wgsl",
 )
 

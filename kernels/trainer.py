@@ -134,6 +134,7 @@ class DeviceTrainer:
         self.adam_hyper = device.create_buffer(32, "adamw hyperparameters")
         self.codec = DeviceInt8Codec(device, self.num_params, self.kernels)
         self._plans: dict[tuple[int, int], list[Dispatch]] = {}
+        self._pseudo_gradient: tuple[Any, Dispatch] | None = None  # (output buffer, dispatch), made on first use
         self._adamw = self._dispatch(
             "adamw.wgsl",
             "adamw_step",
@@ -206,6 +207,19 @@ class DeviceTrainer:
     async def read_grads(self) -> array:
         """The gradients of the last forward/backward pass (flat float32, layout order)."""
         return array("f", await self.device.read_buffer(self.grads, 4 * self.num_params))
+
+    async def pseudo_gradient_fp32(self) -> bytes:
+        """theta_global - theta_local computed on the device, as little-endian float32 bytes (one readback)."""
+        if self._pseudo_gradient is None:
+            out = self.device.create_buffer(4 * self.num_params, "pseudo-gradient")
+            dims = self._dims([self.num_params, 0, 0, 0], "pseudo-gradient dims")
+            dispatch = self._dispatch("pseudo_gradient.wgsl", "pseudo_gradient",
+                                      {0: self.global_params, 1: self.params, 2: out, 3: dims},
+                                      grid_for(ceil_div(self.num_params, 256)))
+            self._pseudo_gradient = (out, dispatch)
+        out, dispatch = self._pseudo_gradient
+        self.device.submit([dispatch])
+        return await self.device.read_buffer(out, 4 * self.num_params)
 
     async def pseudo_gradient_int8(self) -> tuple[array, bytes]:
         """theta_global - theta_local quantised on the device (kernels/quant.py's rule): (scales, codes)."""

@@ -18,7 +18,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE_SOURCES = (
     ("shared", "shared", (".py", ".toml")),
     ("kernels", "kernels", (".py", ".wgsl")),
-    ("browser", "", (".py", ".wgsl")),  # the browser's Python entry lands at the top of site-packages
+    ("browser", "", (".py",)),  # the browser's Python entry lands at the top of site-packages
 )
 # A fixed timestamp keeps the zip's bytes (and so its ETag) a function of the files' contents only.
 ZIP_DATE = (2020, 1, 1, 0, 0, 0)

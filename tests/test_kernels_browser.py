@@ -8,6 +8,7 @@ Playwright or the npm Pyodide is not installed; every request off 127.0.0.1 is a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import base64
 import functools
 import http.server
@@ -159,7 +160,9 @@ def test_browser_device_trains_the_gpt_like_torch(site):
     (root / "targets.bin").write_bytes(targets.to(torch.uint8).numpy().tobytes())
     code = f"CONFIG = {json.dumps(json.dumps(cfg.to_dict()))}\nBATCH = {batch}\nSEQ = {seq}\n" + IN_BROWSER
 
-    result = asyncio.run(run_in_chromium(base_url, code))
+    # its own thread and event loop: Playwright's sync API (the e2e fixtures) may hold this thread's loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        result = pool.submit(asyncio.run, run_in_chromium(base_url, code)).result()
 
     assert abs(result["loss"] - loss.item()) <= 1e-4 * loss.item()
     assert result["losses"] == [result["loss"]]  # the training step saw the same batch and parameters

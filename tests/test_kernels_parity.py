@@ -206,3 +206,16 @@ def test_device_int8_dequantize_matches_reference_byte_for_byte(device):
     decoded = run(codec.decode(scales, codes))
     assert decoded.tobytes() == quant.dequantize_int8(scales, codes).tobytes()
     assert struct.unpack("<f", decoded.tobytes()[:4])[0] == 127.0
+
+
+def test_pseudo_gradient_fp32_is_global_minus_local_bit_for_bit(device):
+    cfg, batch, seq = SHAPES["tiny"]
+    model = reference_model(cfg)
+    start = flat_parameters(model)
+    trainer = DeviceTrainer(device, cfg, as_array(start), max_batch_size=batch)
+    tokens, targets = random_batch(batch, seq, torch.Generator().manual_seed(5))
+    run(trainer.train_steps([(as_bytes(tokens), as_bytes(targets))], lr=1e-2, seq_len=seq))
+    local = as_tensor(run(trainer.read_params()))
+    got = torch.frombuffer(bytearray(run(trainer.pseudo_gradient_fp32())), dtype=torch.float32)
+    assert torch.equal(got, start - local)
+    assert got.abs().max() > 0  # the step moved the parameters

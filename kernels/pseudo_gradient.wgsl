@@ -1,5 +1,5 @@
-// The browser node's pseudo-gradient: out = theta_global - theta_local, one float32 subtraction per value,
-// so that the upload is bit-identical to numpy's `global - local` in the PyTorch trainer.
+// theta_global - theta_local, one float32 subtraction per value (DeviceTrainer.pseudo_gradient_fp32), so that
+// the fp32 upload is bit-identical to numpy's `global - local` in the PyTorch trainer.
 
 @group(0) @binding(0) var<storage, read> global_params: array<f32>;
 @group(0) @binding(1) var<storage, read> local_params: array<f32>;
