@@ -13,6 +13,7 @@ wrong client at d = 10M). `values` comes back as a float32 torch tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from shared.aggregate import (
 )
 
 SORT_CHUNK_COLUMNS = 16_384
+
 """Columns sorted per step: a (16384, 32) float32 block stays in L2 cache."""
 
 CLIP_CHUNK_COLUMNS = 1_024
@@ -94,22 +96,37 @@ def mean(updates: Matrix, weights: Sequence[float] | None = None, f: int = 0) ->
 def _coordinate_wise(matrix: np.ndarray, f: int, keep: Callable[[np.ndarray], np.ndarray]):
     """Sort each coordinate once, chunk by chunk; `keep` maps sorted (w, n) rows to w values.
 
-    Returns (values, used, discarded) with shared.aggregate._coordinate_wise's trimming rule.
+    The columns are split into one contiguous span per torch thread, sorted in threads (numpy releases the GIL while it
+    sorts and compares). Returns (values, used, discarded) with shared.aggregate._coordinate_wise's trimming
+    rule.
     """
     n, d = matrix.shape
     values = np.empty(d, dtype=np.float32)
-    trimmed = np.zeros(n, dtype=np.int64)
-    block = np.empty((min(SORT_CHUNK_COLUMNS, d), n), dtype=np.float32)
-    for start in range(0, d, SORT_CHUNK_COLUMNS):
-        stop = min(start + SORT_CHUNK_COLUMNS, d)
-        chunk = matrix[:, start:stop]
-        rows = block[: stop - start]
-        np.copyto(rows, chunk.T)
-        rows.sort(axis=1)
-        values[start:stop] = keep(rows)
-        if f:
-            low, high = rows[:, f].copy(), rows[:, n - f - 1].copy()  # contiguous: compared n times
-            trimmed += np.count_nonzero((chunk < low) | (chunk > high), axis=1)
+
+    def sort_span(first: int, last: int) -> np.ndarray:
+        trimmed = np.zeros(n, dtype=np.int64)
+        block = np.empty((min(SORT_CHUNK_COLUMNS, last - first), n), dtype=np.float32)
+        for start in range(first, last, SORT_CHUNK_COLUMNS):
+            stop = min(start + SORT_CHUNK_COLUMNS, last)
+            chunk = matrix[:, start:stop]
+            rows = block[: stop - start]
+            np.copyto(rows, chunk.T)
+            rows.sort(axis=1)
+            values[start:stop] = keep(rows)
+            if f:
+                low, high = rows[:, f].copy(), rows[:, n - f - 1].copy()  # contiguous: compared n times
+                trimmed += np.count_nonzero((chunk < low) | (chunk > high), axis=1)
+        return trimmed
+
+    chunks = -(-d // SORT_CHUNK_COLUMNS)
+    threads = max(1, min(torch.get_num_threads(), chunks))  # the same CPU budget torch's kernels use
+    per_span = -(-chunks // threads) * SORT_CHUNK_COLUMNS
+    spans = [(first, min(first + per_span, d)) for first in range(0, d, per_span)]
+    if len(spans) == 1:
+        trimmed = sort_span(*spans[0])
+    else:
+        with ThreadPoolExecutor(len(spans)) as pool:
+            trimmed = sum(pool.map(lambda span: sort_span(*span), spans))
     threshold = d * (1 + 2 * f / n) / 2
     return values, np.flatnonzero(trimmed <= threshold), np.flatnonzero(trimmed > threshold)
 
