@@ -242,6 +242,8 @@ class Coordinator:
     async def node_ready(self, session: NodeSession) -> None:
         """The session's link is up: give it work if a round is open."""
         session.state = "ready"
+        if session.link is not None:
+            self.store.set_node_path(session.node_id, session.link.path)
         if self.finished:
             await self._send(session, Bye("job finished"))
             return
@@ -565,7 +567,7 @@ class Coordinator:
             if node_id in self.policy.quarantined:
                 state = "quarantined"
             nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "state": state,
-                          "path": live.link.path if live and live.link else None,
+                          "path": live.link.path if live and live.link else None, "last_path": n["last_path"],
                           "updates_accepted": n["updates_accepted"], "updates_rejected": n["updates_rejected"],
                           "tokens": n["tokens"], "last_seen": n["last_seen"],
                           "tokens_per_second": self.node_speed.get(node_id),

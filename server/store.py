@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_seen REAL NOT NULL,
     updates_accepted INTEGER NOT NULL DEFAULT 0,
     updates_rejected INTEGER NOT NULL DEFAULT 0,
-    tokens INTEGER NOT NULL DEFAULT 0
+    tokens INTEGER NOT NULL DEFAULT 0,
+    last_path TEXT
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -137,10 +138,15 @@ class Store:
                 (node_id, kind, agent, now, now),
             )
 
+    def set_node_path(self, node_id: str, path: str) -> None:
+        """The path (webrtc or websocket) the node's round traffic last used."""
+        with self._lock:
+            self._db.execute("UPDATE nodes SET last_path = ? WHERE id = ?", (path, node_id))
+
     def nodes(self) -> list[dict]:
         with self._lock:
             cur = self._db.execute(
-                "SELECT id, kind, agent, first_seen, last_seen, updates_accepted, updates_rejected, tokens "
+                "SELECT id, kind, agent, first_seen, last_seen, updates_accepted, updates_rejected, tokens, last_path "
                 "FROM nodes ORDER BY first_seen"
             )
             cols = [c[0] for c in cur.description]
