@@ -18,11 +18,16 @@ from pathlib import Path
 COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`, with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return value
+
+    return parse
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -42,7 +47,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, choices=sorted(MODEL_SIZES), help="model size (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps,
                    help="local AdamW steps per round, H (default: %(default)s)")
-    p.add_argument("--rounds", type=_positive_int, default=d.rounds,
+    p.add_argument("--rounds", type=int_at_least(0), default=d.rounds,
                    help="stop after this many rounds; 0 = forever (default: %(default)s)")
     p.add_argument("--round-deadline", type=float, default=d.round_deadline,
                    help="seconds a round waits for updates (default: %(default)s)")
@@ -73,7 +78,7 @@ def trainer_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, help="the coordinator's URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where to train: auto picks CUDA when available (default: %(default)s)")
-    p.add_argument("--max-rounds", type=_positive_int, default=0,
+    p.add_argument("--max-rounds", type=int_at_least(0), default=0,
                    help="leave cleanly after this many completed rounds; 0 = until the job ends")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: loopback when the "

@@ -28,6 +28,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server import aggregation
+from server.cli import int_at_least
 from server.codecs import TorchErrorFeedback
 from server.coordinator import Coordinator, JobConfig, NodeSession
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
@@ -628,20 +629,13 @@ def _fraction(upper: float, closed: bool = False):
     return parse
 
 
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     d = SimOptions()
     p = argparse.ArgumentParser(prog="python -m server simulate", description=(
         "Simulate a swarm in one process: the real coordinator (rounds, governance, ledger, aggregation, codecs) "
         "and N simulated workers (torch CPU, real corpus shards, signed updates) over in-process links, with "
         "attackers and churn. Writes a CSV and a PNG of the validation loss per round into --out."))
-    p.add_argument("--workers", type=_at_least_one, default=d.workers, help="simulated workers (default: %(default)s)")
+    p.add_argument("--workers", type=int_at_least(1), default=d.workers, help="simulated workers (default: %(default)s)")
     p.add_argument("--byzantine", type=_fraction(MAX_BYZANTINE), default=d.byzantine, metavar="FRACTION",
                    help="share of workers that attack, in [0, 0.5) (default: %(default)s)")
     p.add_argument("--attack", choices=ATTACKS, default=d.attack,
@@ -652,10 +646,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=compress.CODECS, default=d.codec, help="update codec (default: %(default)s)")
     p.add_argument("--churn", type=_fraction(1.0), default=d.churn, metavar="FRACTION",
                    help="share of workers replaced by new ones after each round (default: %(default)s)")
-    p.add_argument("--rounds", type=_at_least_one, default=d.rounds, help="rounds to run (default: %(default)s)")
-    p.add_argument("--inner-steps", type=_at_least_one, default=d.inner_steps,
+    p.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="rounds to run (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int_at_least(1), default=d.inner_steps,
                    help="local AdamW steps per round, H (default: %(default)s)")
-    p.add_argument("--batch-size", type=_at_least_one, default=d.batch_size,
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size,
                    help="sequences per inner step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
     p.add_argument("--outer-lr", type=float, default=d.outer_lr,
@@ -674,12 +668,12 @@ def parser() -> argparse.ArgumentParser:
                                                                    "(default: %(default)s)")
     p.add_argument("--data", type=Path, default=None,
                    help="a text corpus: a file or a directory (default: the Python standard library's source)")
-    p.add_argument("--corpus-bytes", type=_at_least_one, default=d.corpus_bytes,
+    p.add_argument("--corpus-bytes", type=int_at_least(1), default=d.corpus_bytes,
                    help="read at most this many bytes of the corpus; shards wrap around (default: %(default)s)")
     p.add_argument("--rules", type=Path, default=None,
                    help="a rulebook TOML for the job (default: shared/default_rules.toml with the joins-per-minute "
                         "cap lifted, since simulated minutes hold many rounds)")
-    p.add_argument("--threads", type=_at_least_one, default=d.threads,
+    p.add_argument("--threads", type=int_at_least(1), default=d.threads,
                    help="torch CPU threads; workers run one after another (default: %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per round and a final summary on stdout")

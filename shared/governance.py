@@ -49,7 +49,7 @@ MAX_OPEN_PROPOSALS = 128
 GENESIS_HASH = "0" * 64
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9_.:+/=-]{1,128}$")
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:+/=-]{1,128}$")  # governance and ledger accounts alike
 
 
 class ProposalError(GovernanceError):
@@ -120,7 +120,7 @@ def parse_fraction(value: Any, what: str) -> Fraction:
 
 
 def check_node_id(node_id: Any, what: str = "node id") -> str:
-    if not isinstance(node_id, str) or not _NODE_ID.match(node_id):
+    if not isinstance(node_id, str) or not NODE_ID_PATTERN.match(node_id):
         raise GovernanceError(f"{what} must be 1-128 characters of [A-Za-z0-9_.:+/=-], got {node_id!r}")
     return node_id
 

@@ -8,13 +8,13 @@ an entry before it has been fully checked: a refused entry leaves the ledger exa
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from shared.governance import GENESIS_HASH, GovernanceError, canonical_json, jsonable, sha256_hex, signing_bytes
+from shared.governance import (GENESIS_HASH, NODE_ID_PATTERN, GovernanceError, canonical_json, jsonable, sha256_hex,
+                               signing_bytes)
 from shared.rules import Decision
 
 MICRO = 1_000_000  # micro-credits per credit
@@ -31,7 +31,6 @@ STAKE_PREFIX = "stake:"  # "stake:<node>" holds the node's escrow while it is ad
 SYSTEM_ACCOUNTS = (MINT, FEES, SLASHED)
 ENTRY_KINDS = ("grant", "stake", "unstake", "reward", "slash", "transfer")
 
-_NODE = re.compile(r"^[A-Za-z0-9_.:+/=-]{1,128}$")
 
 
 class LedgerError(ValueError):
@@ -47,7 +46,7 @@ def stake_account(node: str) -> str:
 
 
 def check_node(node: Any) -> str:
-    if not isinstance(node, str) or not _NODE.match(node) or node in SYSTEM_ACCOUNTS or node.startswith(STAKE_PREFIX):
+    if not isinstance(node, str) or not NODE_ID_PATTERN.match(node) or node in SYSTEM_ACCOUNTS or node.startswith(STAKE_PREFIX):
         raise LedgerError(f"node id must be 1-128 characters of [A-Za-z0-9_.:+/=-], not a system name; got {node!r}")
     return node
 
