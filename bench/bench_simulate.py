@@ -6,7 +6,7 @@ Never assert a target here (tests/test_simulate.py holds the claims); this print
 usage: python -m bench.bench_simulate [--workers 12] [--byzantine 0.34] [--rounds 8] [--inner-steps 5]
        [--batch-size 8] [--lr 1e-3] [--corpus-bytes 3000000] [--seed 0] [--attacks signflip,noise,scale,alie]
        [--aggregators mean,median,...]
-       [--codecs fp32,fp16,int8,topk] [--json]
+       [--codecs fp32 fp16 int8 int8:deflate=false topk topk:deflate=false] [--json]
 
 Every run is `server.simulate.run_simulation` (the real coordinator, real codecs and rules) with the same seed,
 so the honest workers see the same batches in every run; only the attackers, the rule and the codec change.
@@ -22,7 +22,9 @@ import time
 
 from server.aggregation import RULES
 from server.simulate import ATTACKS, SimOptions, run_simulation
-from shared.compress import CODECS
+
+DEFAULT_CODECS = ["fp32", "fp16", "int8:deflate=false", "int8", "topk:deflate=false", "topk"]
+"""Every codec as a job names it (int8 and topk deflate by default), and without deflate, to see what it adds."""
 
 
 def main() -> None:
@@ -39,7 +41,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--aggregators", default=",".join(RULES))
-    p.add_argument("--codecs", default=",".join(CODECS))
+    p.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS, metavar="CODEC",
+                   help="codec options, as the coordinator's --codec takes them")
     p.add_argument("--json", action="store_true", help="also print every run's summary as JSON lines")
     args = p.parse_args()
     logging.getLogger("swarmgrad").setLevel(logging.ERROR)  # rejections are counted in the table instead
@@ -70,11 +73,12 @@ def main() -> None:
             cells.append(f"{s['final_val_loss']:.3f} x{s['final_val_loss'] / clean_loss:.2f}{note}")
         print(f"{attack:<10}" + "".join(f"{c:>18}" for c in cells), flush=True)
     print("\n(cells: final validation loss, x ratio to the clean mean run, rN = N updates rejected by the rules)\n")
-    print(f"{'codec':<6}{'bytes/round':>14}{'bytes/update':>14}{'fp32/codec':>12}{'final loss':>12}{'vs fp32':>9}")
+    width = max(6, *(len(c) + 1 for c in args.codecs))
+    print(f"{'codec':<{width}}{'bytes/round':>14}{'bytes/update':>14}{'fp32/codec':>12}{'final loss':>12}{'vs fp32':>9}")
     fp32 = clean  # the clean run is the mean over fp32
-    for codec in args.codecs.split(","):
+    for codec in args.codecs:
         s = clean if codec == "fp32" else run(aggregator="mean", codec=codec)
-        print(f"{codec:<6}{s['bytes_per_round']:>14,.0f}{s['bytes_per_update']:>14,.0f}"
+        print(f"{codec:<{width}}{s['bytes_per_round']:>14,.0f}{s['bytes_per_update']:>14,.0f}"
               f"{fp32['bytes_per_round'] / s['bytes_per_round']:>11.2f}x{s['final_val_loss']:>12.4f}"
               f"{s['final_val_loss'] / fp32['final_val_loss'] - 1:>+9.2%}", flush=True)
     print(f"\n{time.perf_counter() - started:.0f}s in all")

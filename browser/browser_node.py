@@ -426,8 +426,8 @@ class BrowserNode:
 
     async def _encode(self, trainer: DeviceTrainer, spec: compress.CodecSpec) -> bytes:
         if spec.name == "int8" and compress.int8_block(spec) == QUANT_BLOCK_SIZE:
-            scales, codes = await trainer.pseudo_gradient_int8()  # quantised on the GPU; wire: scales, then codes
-            return scales.tobytes() + codes
+            scales, codes = await trainer.pseudo_gradient_int8()  # quantised on the GPU; raw: scales, then codes
+            return compress.pack(spec, scales.tobytes() + codes)  # deflated here, when the job asks for it
         values = array("f")
         values.frombytes(await trainer.pseudo_gradient_fp32())
         return compress.encode(spec, values)

@@ -30,9 +30,24 @@ def int_at_least(minimum: int):
     return parse
 
 
+def codec_option(text: str) -> str:
+    """An argparse type: a codec option, `name[:key=value,...]`, checked by shared.compress.parse_codec."""
+    from shared import compress
+
+    try:
+        compress.parse_codec(text)
+    except compress.CodecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+CODEC_HELP = ("how nodes send pseudo-gradients: fp32, fp16, int8 or topk, optionally with parameters, e.g. "
+              "int8:block=128 or topk:fraction=0.01,deflate=false (int8 and topk deflate by default)")
+
+
 def serve_parser() -> argparse.ArgumentParser:
     from server.coordinator import JobConfig
-    from shared import aggregate, compress
+    from shared import aggregate
     from shared.model import MODEL_SIZES
 
     d = JobConfig()
@@ -54,8 +69,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per inner step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial parameters (default: %(default)s)")
-    p.add_argument("--codec", default=d.codec, choices=list(compress.CODECS),
-                   help="how nodes send pseudo-gradients; fixed for the job's life (default: %(default)s)")
+    p.add_argument("--codec", default=d.codec, type=codec_option, metavar="CODEC",
+                   help=CODEC_HELP + "; fixed for the job's life (default: %(default)s)")
     p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
                    help="how the coordinator combines updates; governed, so votes may change it "
                         "(default: %(default)s)")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from shared.compress import (INT8_LEVELS, INT8_MIN_BLOCK_AMAX, CodecError, CodecSpec, encoded_size, int8_block,
-                             topk_count)
+                             pack, topk_count, unpack)
 
 
 def _check_finite(values: torch.Tensor) -> None:
@@ -55,7 +55,11 @@ def topk_indices(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def encode_torch(spec: CodecSpec, values: torch.Tensor) -> bytes:
     """Encode a 1-D float32 tensor (the trainer's pseudo-gradient) exactly as shared.compress.encode does."""
-    values = values.detach().reshape(-1).to(device="cpu", dtype=torch.float32)
+    return pack(spec, _encode_raw(spec, values.detach().reshape(-1).to(device="cpu", dtype=torch.float32)))
+
+
+def _encode_raw(spec: CodecSpec, values: torch.Tensor) -> bytes:
+    """The codec's bytes before the deflate stage, from a 1-D float32 CPU tensor."""
     encoded_size(spec, values.numel())  # checks the codec name and params before any work
     _check_finite(values)
     if spec.name == "fp32":
@@ -77,9 +81,11 @@ def encode_torch(spec: CodecSpec, values: torch.Tensor) -> bytes:
 
 def decode_numpy(spec: CodecSpec, data: bytes, n: int) -> np.ndarray:
     """Decode wire bytes of n values into a new float32 array, checking them as shared.compress.decode does."""
-    expected = encoded_size(spec, n)
-    if len(data) != expected:
-        raise CodecError(f"{spec.name} payload of {n} values must be {expected} bytes, got {len(data)}")
+    return _decode_raw(spec, unpack(spec, data, n), n)
+
+
+def _decode_raw(spec: CodecSpec, data: bytes, n: int) -> np.ndarray:
+    """Float32 values from the codec's bytes before the deflate stage (their length already checked)."""
     if spec.name == "fp32":
         return np.frombuffer(data, dtype="<f4").astype(np.float32)
     if spec.name == "fp16":
@@ -124,6 +130,6 @@ class TorchErrorFeedback:
         if values.numel() != self.residual.numel():
             raise CodecError(f"error feedback holds {self.residual.numel()} values, got {values.numel()}")
         corrected = values + self.residual
-        data = encode_torch(spec, corrected)
-        self.residual = corrected - torch.from_numpy(decode_numpy(spec, data, corrected.numel()))
-        return data
+        raw = _encode_raw(spec, corrected)
+        self.residual = corrected - torch.from_numpy(_decode_raw(spec, raw, corrected.numel()))
+        return pack(spec, raw)

@@ -74,8 +74,10 @@ class JobConfig:
             raise ValueError("inner_steps and batch_size must be >= 1, round_deadline > 0, rounds >= 0")
         if self.aggregator not in aggregation.RULES:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
-        if self.codec not in compress.CODECS:
-            raise ValueError(f"unknown codec {self.codec!r}; known: {', '.join(compress.CODECS)}")
+        try:
+            compress.parse_codec(self.codec)
+        except compress.CodecError as e:
+            raise ValueError(f"bad codec {self.codec!r}: {e}") from None
 
     def governed(self) -> dict:
         """The governed parameters, under the names governance uses."""
@@ -129,7 +131,7 @@ class Coordinator:
         self.job = self._load_job(job)
         self.cfg = model_config(self.job.model)
         self.n_params = num_parameters(self.cfg)
-        self.codec = compress.CodecSpec(self.job.codec)
+        self.codec = compress.parse_codec(self.job.codec)
         self.governor = Governor(self.store, self.key, self.job.governed(), rules_toml)
         # a generous margin over the slowest nodes' round time: a deadline only cuts stragglers, and a tight one
         # makes every node cut its H (see TrainerPolicy), which costs more progress than waiting does
@@ -204,7 +206,7 @@ class Coordinator:
         p = self.governor.params
         return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
                 "inner_steps": int(p["inner_steps"]), "batch_size": int(p["batch"]), "lr": float(p["lr"]),
-                "aggregator": p["aggregator"], "codec": self.job.codec, "rounds": self.job.rounds,
+                "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec), "rounds": self.job.rounds,
                 "deadline_seconds": self.deadline_seconds}
 
     def model_signature(self, round_: int, hash_: str) -> str:
@@ -318,11 +320,13 @@ class Coordinator:
             return "shape", f"update has {u.num_values} values, the model has {self.n_params}"
         try:
             spec = compress.CodecSpec.from_dict(u.codec)
-            expected = compress.encoded_size(spec, u.num_values)
+            compress.encoded_size(spec, u.num_values)
         except compress.CodecError as e:
             return "codec", str(e)
-        if u.payload_bytes != expected:
-            return "shape", f"{spec.name} payload must be {expected} bytes, got {u.payload_bytes}"
+        try:
+            compress.check_wire_size(spec, u.num_values, u.payload_bytes)
+        except compress.CodecError as e:
+            return "shape", str(e)
         return None
 
     async def _on_update(self, session: NodeSession, u: Update) -> None:
@@ -406,7 +410,7 @@ class Coordinator:
         p = self.governor.params
         return {"inner_steps": int(p["inner_steps"]), "lr": float(p["lr"]), "weight_decay": self.job.weight_decay,
                 "batch_size": int(p["batch"]), "seq_len": self.cfg.block_size,
-                "codec": {"name": self.job.codec, "params": {}}, "deadline_s": self.deadline_seconds}
+                "codec": self.codec.to_dict(), "deadline_s": self.deadline_seconds}
 
     async def run(self) -> None:
         """Open, wait for and close rounds until the job's round count is reached (forever when 0)."""

@@ -28,7 +28,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server import aggregation
-from server.cli import int_at_least
+from server.cli import CODEC_HELP, codec_option, int_at_least
 from server.codecs import TorchErrorFeedback
 from server.coordinator import Coordinator, JobConfig, NodeSession
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
@@ -100,8 +100,10 @@ class SimOptions:
             raise SimulationError(f"unknown --attack {self.attack!r}; known: {', '.join(ATTACKS)}")
         if self.aggregator not in aggregation.RULES:
             raise SimulationError(f"unknown --aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
-        if self.codec not in compress.CODECS:
-            raise SimulationError(f"unknown --codec {self.codec!r}; known: {', '.join(compress.CODECS)}")
+        try:
+            compress.parse_codec(self.codec)
+        except compress.CodecError as e:
+            raise SimulationError(f"bad --codec {self.codec!r}: {e}") from None
         if not 0.0 <= self.churn < 1.0:
             raise SimulationError(f"--churn must be a fraction in [0, 1), got {self.churn}")
         if self.tolerate is not None and not 0.0 <= self.tolerate < MAX_BYZANTINE:
@@ -643,7 +645,8 @@ def parser() -> argparse.ArgumentParser:
                         "mean - z std of the honest updates (Baruch et al. 2019) (default: %(default)s)")
     p.add_argument("--aggregator", choices=tuple(aggregation.RULES), default=d.aggregator,
                    help="the job's aggregation rule, a governed parameter (default: %(default)s)")
-    p.add_argument("--codec", choices=compress.CODECS, default=d.codec, help="update codec (default: %(default)s)")
+    p.add_argument("--codec", type=codec_option, default=d.codec, metavar="CODEC",
+                   help=CODEC_HELP + " (default: %(default)s)")
     p.add_argument("--churn", type=_fraction(1.0), default=d.churn, metavar="FRACTION",
                    help="share of workers replaced by new ones after each round (default: %(default)s)")
     p.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="rounds to run (default: %(default)s)")

@@ -1,5 +1,6 @@
 """One int8 pseudo-gradient, three encoders: the trainer's torch, the browser's WGSL kernel, and shared/'s
-reference. They must put the same bytes on the wire, and the coordinator's numpy decoder must read them back."""
+reference. They must put the same bytes on the wire, and the coordinator's numpy decoder must read them back;
+with the job's deflate stage too (the page deflates its WGSL bytes with Pyodide's zlib, as shared.compress.pack)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from server.codecs import decode_numpy, encode_torch
 from shared import compress
 
 SPEC = compress.CodecSpec("int8", {"block": 256})
+DEFLATED = compress.CodecSpec("int8", {"block": 256, "deflate": True})
 
 
 def pseudo_gradient(n: int, seed: int) -> np.ndarray:
@@ -41,3 +43,9 @@ def test_torch_wgsl_and_reference_int8_encoders_agree_byte_for_byte(device, n):
     block_scales = np.repeat(np.frombuffer(scales.tobytes(), "<f4"), 256)[:n]
     assert np.all(np.abs(decoded - values) <= block_scales / 2 + 1e-12)
     assert np.all(decoded[512:768] == 0)
+
+    wire = compress.pack(DEFLATED, from_wgsl)
+    assert encode_torch(DEFLATED, torch.from_numpy(values)) == compress.encode(DEFLATED, array("f", values.tobytes()))
+    assert encode_torch(DEFLATED, torch.from_numpy(values)) == wire
+    assert len(wire) < len(from_wgsl)
+    np.testing.assert_array_equal(decode_numpy(DEFLATED, wire, n), decoded)

@@ -2,6 +2,7 @@
 
 import math
 import struct
+import zlib
 from array import array
 
 import pytest
@@ -18,13 +19,17 @@ from shared.compress import (
     decode,
     encode,
     encoded_size,
+    format_codec,
+    max_wire_size,
+    parse_codec,
 )
 
 FP32 = CodecSpec("fp32")
 FP16 = CodecSpec("fp16")
 INT8 = CodecSpec("int8", {"block": 4})
 TOPK = CodecSpec("topk", {"k": 3})
-EVERY_CODEC = [FP32, FP16, INT8, CodecSpec("int8"), TOPK, CodecSpec("topk", {"fraction": 0.25})]
+EVERY_CODEC = [FP32, FP16, INT8, CodecSpec("int8"), TOPK, CodecSpec("topk", {"fraction": 0.25}),
+               CodecSpec("int8", {"block": 4, "deflate": True}), CodecSpec("topk", {"k": 3, "deflate": True})]
 
 finite_float32 = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
@@ -99,7 +104,7 @@ def test_encoders_reject_non_finite_values(spec, bad):
 @pytest.mark.parametrize("change", [-1, 1])
 def test_decoders_reject_a_payload_of_the_wrong_length(spec, change):
     data = encode(spec, [1.0, -2.0, 3.0, 0.5, 7.0])
-    with pytest.raises(CodecError, match="must be"):
+    with pytest.raises(CodecError, match="must be|must inflate|not a valid deflate stream"):
         decode(spec, data[:change] if change < 0 else data + b"\0", 5)
 
 
@@ -242,3 +247,114 @@ def test_error_feedback_loses_nothing_over_rounds(rounds):
     scale = 1 + max(abs(x) for r in rounds for x in r)
     for j in range(6):
         assert sent[j] + feedback.residual[j] == pytest.approx(total[j], abs=1e-5 * scale * len(rounds))
+
+
+# -- the deflate stage ------------------------------------------------------------------------------------
+
+DEFLATED = [CodecSpec(name, {**params, "deflate": True}) for name, params in
+            [("fp32", {}), ("fp16", {}), ("int8", {"block": 4}), ("int8", {}), ("topk", {"k": 3})]]
+
+
+@pytest.mark.parametrize("spec", DEFLATED, ids=format_codec)
+@settings(max_examples=30)
+@given(st.lists(finite_float32, max_size=300))
+def test_deflate_is_lossless_the_decoded_values_are_the_codecs_own(spec, values):
+    plain = CodecSpec(spec.name, {k: v for k, v in spec.params.items() if k != "deflate"})
+    data = encode(spec, values)
+    assert len(data) <= max_wire_size(spec, len(values))
+    assert zlib.decompress(data, -15) == encode(plain, values)
+    assert decode(spec, data, len(values)) == decode(plain, encode(plain, values), len(values))
+
+
+def test_deflate_shrinks_int8_levels_of_a_heavy_tailed_vector():
+    # most of a block sits far below its largest value, so small levels repeat: Huffman codes them short
+    values = [(i % 17 - 8) * 0.01 + (1.0 if i % 256 == 0 else 0.0) for i in range(4096)]
+    spec = CodecSpec("int8", {"deflate": True})
+    assert len(encode(spec, values)) < 0.6 * encoded_size(spec, len(values))
+
+
+def test_a_decoder_accepts_any_valid_deflate_stream():
+    # another implementation may compress at another level and with another strategy; only the bytes count
+    values = [0.5, -1.0, 0.25, 3.0, 0.0, 2.0]
+    spec = CodecSpec("int8", {"block": 4, "deflate": True})
+    raw = zlib.decompress(encode(spec, values), -15)
+    stream = zlib.compressobj(9, zlib.DEFLATED, -15)
+    assert decode(spec, stream.compress(raw) + stream.flush(), 6) == decode(spec, encode(spec, values), 6)
+
+
+def raw_deflate(data: bytes) -> bytes:
+    stream = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return stream.compress(data) + stream.flush()
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (raw_deflate(bytes(4 * 9)), "inflate to exactly 24"),  # one value too many
+        (raw_deflate(bytes(4 * 5)), "inflate to exactly 24"),  # one value too few
+        (raw_deflate(bytes(24)) + b"\0", "inflate to exactly 24"),  # bytes after the stream
+        (raw_deflate(bytes(24))[:-1], "inflate to exactly 24"),  # the stream cut short
+        (b"\xff" * 10, "not a valid deflate stream"),
+        (b"", "must be 1 to"),
+        (raw_deflate(bytes(10**6)), "must be 1 to|inflate to exactly 24"),  # a bomb: a megabyte from ~1 KB
+    ],
+)
+def test_deflated_payloads_must_inflate_to_exactly_the_codecs_size(payload, problem):
+    with pytest.raises(CodecError, match=problem):
+        decode(CodecSpec("fp32", {"deflate": True}), payload, 6)
+
+
+def test_a_payload_longer_than_deflates_worst_case_is_refused_before_inflating():
+    spec = CodecSpec("fp32", {"deflate": True})
+    bound = max_wire_size(spec, 1000)
+    assert 4000 < bound < 4100
+    with pytest.raises(CodecError, match=f"must be 1 to {bound} bytes"):
+        decode(spec, bytes(bound + 1), 1000)
+
+
+def test_deflate_must_be_a_boolean():
+    with pytest.raises(CodecError, match="deflate must be true or false"):
+        encoded_size(CodecSpec("int8", {"deflate": 1}), 10)
+
+
+# -- a job's codec option ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "spec"),
+    [
+        ("fp32", CodecSpec("fp32")),
+        ("fp16", CodecSpec("fp16")),
+        ("int8", CodecSpec("int8", {"block": 256, "deflate": True})),
+        ("topk", CodecSpec("topk", {"fraction": 0.02, "deflate": True})),
+        ("int8:block=64", CodecSpec("int8", {"block": 64, "deflate": True})),
+        ("int8: block = 64 , deflate=false", CodecSpec("int8", {"block": 64, "deflate": False})),
+        ("topk:fraction=0.01", CodecSpec("topk", {"fraction": 0.01, "deflate": True})),
+        ("topk:k=100", CodecSpec("topk", {"k": 100, "deflate": True})),
+        ("fp32:deflate=true", CodecSpec("fp32", {"deflate": True})),
+    ],
+)
+def test_codec_options_start_from_the_job_defaults(option, spec):
+    assert parse_codec(option) == spec
+    assert parse_codec(format_codec(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("option", "problem"),
+    [
+        ("zstd", "unknown codec 'zstd'"),
+        ("int8:block", "not key=value"),
+        ("int8:=3", "not key=value"),
+        ("int8:block=0", "block must be an integer"),
+        ("int8:block=1.5", "block must be an integer"),
+        ("int8:levels=4", "takes only 'block'"),
+        ("int8:deflate=yes", "not true, false or a number"),
+        ("int8:deflate=1", "deflate must be true or false"),
+        ("topk:fraction=0", "fraction must be in"),
+        ("topk:fraction=inf", "not finite"),
+        ("fp16:block=4", "takes no params"),
+    ],
+)
+def test_bad_codec_options_are_refused_naming_the_problem(option, problem):
+    with pytest.raises(CodecError, match=problem):
+        parse_codec(option)

@@ -22,6 +22,9 @@ SPECS = [
     CodecSpec("topk", {"k": 1}),
     CodecSpec("topk", {"k": 4}),
     CodecSpec("topk", {"fraction": 0.3}),
+    CodecSpec("int8", {"block": 5, "deflate": True}),
+    CodecSpec("topk", {"k": 4, "deflate": True}),
+    CodecSpec("fp32", {"deflate": True}),
 ]
 
 # Wide magnitudes reach fp16's subnormals and int8's tiny scales; repeats and zeros make ties.
@@ -69,7 +72,7 @@ def test_numpy_and_reference_decoders_accept_and_reject_the_same_payloads(spec, 
 def test_numpy_decoder_rejects_truncated_and_padded_payloads(spec):
     data = encode(spec, [1.0, -2.0, 3.0, 0.25, 9.0, -7.0])
     for bad in (data[:-1], data + b"\0", b""):
-        with pytest.raises(CodecError, match="must be"):
+        with pytest.raises(CodecError, match="must be|must inflate|not a valid deflate stream"):
             decode_numpy(spec, bad, 6)
 
 

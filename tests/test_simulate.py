@@ -104,18 +104,19 @@ def test_a_hundred_workers_with_thirty_percent_churn_converge():
     assert all(b < a for a, b in zip(losses, losses[1:]))
 
 
-def test_int8_sends_about_four_times_fewer_bytes_at_the_same_loss(runs):
+def test_int8_sends_at_least_four_times_fewer_bytes_at_the_same_loss(runs):
+    # one float32 scale per 256 values caps int8 at 4 * 256 / (256 + 4) = 3.94x; the job's int8 deflates its
+    # levels (lossless) and goes past 4x (4.34x here)
     fp32, int8 = runs(), runs(codec="int8")
-    # one float32 scale per 256 values: 4 * 256 / (256 + 4) = 3.94x, the most any per-block scale allows below 4x
-    assert fp32.summary["bytes_per_update"] / int8.summary["bytes_per_update"] == pytest.approx(1024 / 260)
+    assert fp32.summary["bytes_per_update"] / int8.summary["bytes_per_update"] >= 4.0
     assert abs(ratio(int8, fp32) - 1) <= 0.02
 
 
-def test_topk_sends_twenty_five_times_fewer_bytes_and_catches_up_with_fp32(runs):
-    # 2% of the values at 8 bytes each; what it leaves out waits in the error feedback, so it starts slowly
-    # and needs about 11 rounds here to come within 2% of fp32 (12 rounds: +1.8%)
+def test_topk_sends_at_least_twenty_five_times_fewer_bytes_and_catches_up_with_fp32(runs):
+    # 2% of the values at 8 bytes each (25x), deflated (31x here); what it leaves out waits in the error
+    # feedback, so it starts slowly and needs about 11 rounds here to come within 2% of fp32 (12 rounds: +1.8%)
     fp32, topk = runs(rounds=12), runs(rounds=12, codec="topk")
-    assert fp32.summary["bytes_per_round"] / topk.summary["bytes_per_round"] == pytest.approx(25.0, rel=1e-3)
+    assert fp32.summary["bytes_per_round"] / topk.summary["bytes_per_round"] >= 25.0
     assert topk.rows[3]["val_loss"] > 1.2 * fp32.rows[3]["val_loss"]
     assert abs(ratio(topk, fp32) - 1) <= 0.02
 
