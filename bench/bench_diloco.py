@@ -5,13 +5,14 @@ in both, and both are scored on the same fixed validation batches.
 
 usage: python -m bench.bench_diloco [--workers 4 --inner-steps 50 --rounds 6 --batch-size 16 --lr 3e-3 ...]
 
-Everything runs in one process on the CPU. Synchronous data parallelism averages the W workers' gradients
+Everything runs in one process, on the CPU or (--device cuda) one GPU. Synchronous data parallelism averages the W workers' gradients
 every step, which is exactly one AdamW step on the W-times larger batch, so that is how it is computed here.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class Settings:
     # One thread: the tiny model's matrices are too small to gain from a second, and on a shared 2-core machine
     # two threads ran 3 to 7 times slower than one (they wait on each other whenever a neighbour holds a core).
     threads: int = 1
+    device: str = "cpu"
 
     @property
     def steps(self) -> int:
@@ -101,18 +103,23 @@ def validation_batches(corpus: Corpus, cfg: GPTConfig, settings: Settings) -> li
     return [sampler.batch(settings.validation_batch_size) for _ in range(settings.validation_batches)]
 
 
+def model_device(model: GPT) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def validation_loss(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model.eval()
-    losses = [model(x, y)[1].item() for x, y in batches]
+    device = model_device(model)
+    losses = [model(x.to(device), y.to(device))[1].item() for x, y in batches]
     model.train()
     return sum(losses) / len(losses)
 
 
-def new_model(cfg: GPTConfig, seed: int) -> GPT:
+def new_model(cfg: GPTConfig, seed: int, device: str = "cpu") -> GPT:
     model = GPT(cfg)
     init_parameters(model, seed)
-    return model
+    return model.to(device)
 
 
 def new_adamw(model: GPT, settings: Settings) -> torch.optim.AdamW:
@@ -121,7 +128,8 @@ def new_adamw(model: GPT, settings: Settings) -> torch.optim.AdamW:
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    _, loss = model(x, y)
+    device = model_device(model)
+    _, loss = model(x.to(device), y.to(device))
     loss.backward()
     optimizer.step()
 
@@ -130,7 +138,7 @@ def run_data_parallel(corpus: Corpus, cfg: GPTConfig, settings: Settings, val: l
     """Every step: each worker's batch, gradients averaged (= the mean loss over the joint batch), one AdamW step."""
     started = time.perf_counter()
     samplers = worker_samplers(corpus, cfg, settings)
-    model = new_model(cfg, settings.seed)
+    model = new_model(cfg, settings.seed, settings.device)
     optimizer = new_adamw(model, settings)
     result = Result("data parallel")
     for step in range(1, settings.steps + 1):
@@ -153,10 +161,10 @@ def run_diloco(corpus: Corpus, cfg: GPTConfig, settings: Settings, val: list) ->
     """
     started = time.perf_counter()
     samplers = worker_samplers(corpus, cfg, settings)
-    global_model = new_model(cfg, settings.seed)
-    global_params = torch.nn.Parameter(flat_parameters(global_model))
+    global_model = new_model(cfg, settings.seed, settings.device)
+    global_params = torch.nn.Parameter(flat_parameters(global_model).to(settings.device))
     outer = torch.optim.SGD([global_params], lr=settings.outer_lr, momentum=settings.outer_momentum, nesterov=True)
-    workers = [new_model(cfg, settings.seed) for _ in range(settings.workers)]
+    workers = [new_model(cfg, settings.seed, settings.device) for _ in range(settings.workers)]
     optimizers = [new_adamw(w, settings) for w in workers]
     result = Result("DiLoCo")
     for _ in range(settings.rounds):
@@ -165,7 +173,7 @@ def run_diloco(corpus: Corpus, cfg: GPTConfig, settings: Settings, val: list) ->
             load_flat_parameters(worker, global_params.detach())
             for _ in range(settings.inner_steps):
                 train_step(worker, optimizer, *sampler.batch(settings.batch_size))
-            pseudo_gradients.append(global_params.detach() - flat_parameters(worker))
+            pseudo_gradients.append(global_params.detach() - flat_parameters(worker).to(settings.device))
         outer.zero_grad(set_to_none=True)
         global_params.grad = torch.stack(pseudo_gradients).mean(dim=0)
         outer.step()
@@ -192,7 +200,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--validation-batches", type=int, default=defaults.validation_batches)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    parser.add_argument("--device", default=defaults.device, choices=["cpu", "cuda"],
+                        help="where both methods train (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     for name in ("workers", "inner_steps", "rounds", "batch_size", "validation_batches", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -208,23 +220,30 @@ def parse_settings(argv: list[str] | None) -> Settings:
         validation_batches=args.validation_batches,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     torch.set_num_threads(settings.threads)
-    torch.use_deterministic_algorithms(True)
+    if settings.device == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace; a few CUDA backward kernels (embedding) never are,
+        # so on a GPU the two methods may differ in the last digits from run to run
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(settings.seed)
     cfg = model_config(settings.model)
     corpus = load_corpus()
     val = validation_batches(corpus, cfg, settings)
     params = num_parameters(cfg)
-    initial = validation_loss(new_model(cfg, settings.seed), val)
+    initial = validation_loss(new_model(cfg, settings.seed, settings.device), val)
     print(
         f"model {settings.model} ({params:,} parameters), {settings.workers} workers, H={settings.inner_steps}, "
         f"{settings.rounds} rounds, batch {settings.batch_size}x{cfg.block_size} per worker, AdamW lr {settings.lr:g}, "
-        f"outer Nesterov lr {settings.outer_lr:g} momentum {settings.outer_momentum:g}"
+        f"outer Nesterov lr {settings.outer_lr:g} momentum {settings.outer_momentum:g}, on {settings.device}"
     )
     print(f"corpus {corpus.name}: {len(corpus.train):,} train bytes, {len(corpus.validation):,} validation bytes")
     print(f"both methods: {settings.tokens(cfg):,} training tokens; initial validation loss {initial:.4f}")

@@ -40,6 +40,7 @@ from shared.wire import (Bye, Error, Message, ModelRequest, PayloadHeader, Recei
 log = logging.getLogger("swarmgrad.coordinator")
 
 STALE_WEIGHT = 0.5  # an update computed on the previous round's model counts once, at this weight
+PAYLOAD_SLACK = 1.25  # what a node may send us at most, relative to one fp32 model
 CHECKPOINTS_KEPT = 5  # when no storage rule bounds it
 DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of the nodes' round times
 
@@ -404,6 +405,12 @@ class Coordinator:
     def _round_complete(self, rnd: OpenRound) -> bool:
         waiting = [s for s in self._ready_sessions() if s.node_id in rnd.assignments and s.node_id not in rnd.reported]
         return bool(rnd.accepted) and (not waiting or time.time() >= rnd.deadline)
+
+    @property
+    def max_payload(self) -> int:
+        """The most bytes one payload from a node may take: an fp32 update with room to spare, or the job codec's
+        worst case where that is larger (top-k of more than half the values, say)."""
+        return max(int(4 * self.n_params * PAYLOAD_SLACK), compress.max_wire_size(self.codec, self.n_params)) + 1024
 
     def round_config(self) -> dict:
         """What nodes run this round: the governed parameters in force and the policy's deadline."""

@@ -23,7 +23,6 @@ from shared.wire import (Challenge, Error, Hello, IceCandidate, Message, PathSel
 log = logging.getLogger("swarmgrad.signaling")
 
 HELLO_TIMEOUT_S = 15.0
-PAYLOAD_SLACK = 1.25  # what a node may send us at most, relative to one fp32 model
 
 
 class SignalingServer:
@@ -35,7 +34,7 @@ class SignalingServer:
 
     @property
     def max_payload(self) -> int:
-        return int(4 * self.coordinator.n_params * PAYLOAD_SLACK) + 1024
+        return self.coordinator.max_payload
 
     async def close(self) -> None:
         await asyncio.gather(*(pc.close() for pc in list(self.peer_connections)), return_exceptions=True)

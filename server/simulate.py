@@ -252,13 +252,14 @@ class Simulation:
         self.model = GPT(self.coordinator.cfg)
         self.rng = random.Random(options.seed)
         self.attack_gen = torch.Generator().manual_seed(options.seed + 1)
-        self.max_payload = 4 * self.coordinator.n_params + 1024
+        self.max_payload = self.coordinator.max_payload
         self.workers: list[SimWorker] = []
         # every worker downloads the model over its own link, but one copy per hash is kept: 100 workers of a
         # larger model would not fit otherwise
         self.models: dict[str, np.ndarray] = {}
         self.next_index = 0
         self.refused: list[str] = []
+        self.byzantine_ids: dict[str, bool] = {}  # every worker that ever joined: node id -> attacker?
         self.uplink_bytes = 0
         self._changed = asyncio.Event()
 
@@ -268,6 +269,7 @@ class Simulation:
         worker = SimWorker(self.next_index, worker_key(self.options.seed, self.next_index), byzantine,
                            self.max_payload)
         self.next_index += 1
+        self.byzantine_ids[worker.node_id] = byzantine
         return worker
 
     async def _join(self, worker: SimWorker) -> bool:
@@ -503,8 +505,19 @@ class Simulation:
                 "accepted": accepted, "rejected": sum(r["rejected"] for r in played),
                 "rejected_by": dict(rejected_by), "quarantined": sum(r["quarantined"] for r in played),
                 "refused_joins": len(self.refused), "rounds": len(played), "params": self.coordinator.n_params,
+                "reputation": self._reputation(),
                 "seconds": round(seconds, 2),
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()}}
+
+
+    def _reputation(self) -> dict:
+        """The coordinator's mean reputation of the honest workers and of the attackers (None: there were none),
+        over every worker that ever joined: discarded, rejected and slashed updates lower it."""
+        scores = {True: [], False: []}
+        for node_id, byzantine in self.byzantine_ids.items():
+            scores[byzantine].append(self.coordinator.governor.reputation[node_id])
+        return {"honest": sum(scores[False]) / len(scores[False]) if scores[False] else None,
+                "attackers": sum(scores[True]) / len(scores[True]) if scores[True] else None}
 
 
 def simulation_rules() -> str:

@@ -91,6 +91,11 @@ def test_a_scale_attack_under_the_norm_bound_breaks_the_mean_but_not_the_median(
     assert mean.rows[-1]["honest_norm"] * 100 < 100 and mean.rows[-1]["rejected"] == 0
     assert mean.summary["final_val_loss"] > mean.summary["initial_val_loss"]
     assert median.summary["final_val_loss"] < 0.75 * median.summary["initial_val_loss"]
+    # the median discards the attacker's accepted updates (trimmed in most coordinates), and each discard costs
+    # reputation; the mean uses them, so there the same updates earn points (both runs slash it once in round 1,
+    # where the honest norm is just above 1 and x100 breaks the bound)
+    assert median.summary["reputation"]["attackers"] < mean.summary["reputation"]["attackers"]
+    assert median.summary["reputation"]["attackers"] < 0 < median.summary["reputation"]["honest"]
 
 
 def test_a_hundred_workers_with_thirty_percent_churn_converge():
