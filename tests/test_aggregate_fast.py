@@ -144,9 +144,9 @@ def test_fast_rules_take_torch_tensors_as_well_as_numpy_arrays():
 
 
 def test_fast_rules_chunk_long_updates_like_short_ones():
-    # Longer than every chunk, so the chunk seams are crossed; trimming counts must add across chunks.
+    # Longer than a group of columns, so block, panel and group seams are crossed; counts add across groups.
     generator = np.random.default_rng(1)
-    d = fast.GRAM_CHUNK_COLUMNS + 3
+    d = fast.GROUP_COLUMNS + 3
     matrix = generator.normal(size=(7, d)).astype(np.float32)
     matrix[5] -= 50
     matrix[6] += 50
@@ -178,3 +178,146 @@ def test_fast_weighted_rule_equals_reference(name, matrix, data):
     got = fast.RULES[name](matrix, weights=weights, f=f)
     assert (got.used, got.discarded) == (expected.used, expected.discarded)
     assert_values_close(got.values, expected.values, matrix)
+
+
+# Sizes around the sorting network's power of two and its groups of 8 rows, and sizes that are neither.
+AWKWARD_N = [3, 5, 7, 8, 9, 16, 31, 33, 64, 100]
+
+
+def f_values(n: int, minimum_n) -> list[int]:
+    largest = max(f for f in range(n) if minimum_n(f) <= n)
+    return sorted({0, 1, largest // 2, largest} & set(range(largest + 1)))
+
+
+@pytest.mark.parametrize("n", AWKWARD_N)
+@pytest.mark.parametrize("d", [1, 7, 300])  # 300: one full sorting block and a partial one
+@pytest.mark.parametrize("name", ["median", "trimmed"])
+def test_fast_coordinate_wise_rules_equal_reference_exactly_for_any_n(name, n, d):
+    # Small integers: many ties, and every median and trimmed mean is exact in float64, so the float32
+    # values must equal the reference's rounded to float32, and the counts behind used/discarded must match.
+    generator = np.random.default_rng(n * 1000 + d)
+    matrix = generator.integers(-3, 4, size=(n, d)).astype(np.float32)
+    matrix[generator.random(n) < 0.2] += 50  # outliers, so some inputs are discarded
+    for f in f_values(n, MINIMUM_N[name]):
+        expected = reference.RULES[name](matrix.tolist(), f=f)
+        got = fast.RULES[name](matrix, f=f)
+        assert (got.used, got.discarded) == (expected.used, expected.discarded), f
+        np.testing.assert_array_equal(got.values.numpy(), np.array(expected.values, dtype=np.float32))
+
+
+@pytest.mark.parametrize("n", [5, 8, 31, 33])
+@pytest.mark.parametrize("name", ["median", "trimmed", "cclip"])
+def test_fast_coordinate_wise_rules_equal_reference_on_floats_for_any_n(name, n):
+    generator = np.random.default_rng(n)
+    matrix = generator.normal(size=(n, 300)).astype(np.float32)
+    matrix[: n // 4] *= 30
+    for f in f_values(n, MINIMUM_N[name]):
+        expected = reference.RULES[name](matrix.tolist(), f=f)
+        got = fast.RULES[name](matrix, f=f)
+        assert (got.used, got.discarded) == (expected.used, expected.discarded), f
+        assert_values_close(got.values, expected.values, matrix)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed"])
+def test_fast_trimming_counts_decide_at_the_threshold_as_the_reference(name):
+    # Input 5 is trimmed at exactly floor(threshold) coordinates, input 6 at one more: 5 is used, 6 is
+    # discarded. d spans several column groups, so the counts must add up across them to the last one.
+    n, f, d = 7, 2, 2 * fast.GROUP_COLUMNS + 300
+    threshold = d * (1 + 2 * f / n) / 2
+    matrix = np.zeros((n, d), dtype=np.float32)
+    matrix[5, : math.floor(threshold)] = 100
+    matrix[6, : math.floor(threshold) + 1] = 100
+    expected = reference.RULES[name](matrix.tolist(), f=f)
+    got = fast.RULES[name](matrix, f=f)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded) == ([0, 1, 2, 3, 4, 5], [6])
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed"])
+def test_fast_coordinate_wise_rules_treat_signed_zeros_as_equal(name):
+    # The sort orders -0.0 below +0.0; an input must still not count as trimmed for being -0.0 against a
+    # bound of +0.0, as the reference's float comparisons see them equal.
+    generator = np.random.default_rng(3)
+    matrix = np.where(generator.random((9, 400)) < 0.5, -0.0, 0.0).astype(np.float32)
+    matrix[:, ::7] = generator.integers(-1, 2, size=(9, len(range(0, 400, 7))))
+    for f in range(5):
+        expected = reference.RULES[name](matrix.tolist(), f=f)
+        got = fast.RULES[name](matrix, f=f)
+        assert (got.used, got.discarded) == (expected.used, expected.discarded), f
+        np.testing.assert_array_equal(got.values.numpy(), np.array(expected.values, dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed", "cclip"])
+def test_fast_coordinate_wise_rules_on_the_extremes_of_float32(name):
+    biggest = float(np.finfo(np.float32).max)
+    tiniest = float(np.finfo(np.float32).smallest_subnormal)
+    column = [biggest, -biggest, tiniest, -tiniest, 0.0, -0.0, 1.0, biggest]
+    matrix = np.array([column[i:] + column[:i] for i in range(8)], dtype=np.float32).T.copy()  # (8, 8)
+    expected = reference.RULES[name](matrix.tolist(), f=2)
+    got = fast.RULES[name](matrix, f=2)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded)
+    np.testing.assert_array_equal(got.values.numpy(), np.array(expected.values, dtype=np.float32))
+
+
+@pytest.mark.parametrize("n", AWKWARD_N)
+def test_fast_krum_scores_equal_reference_for_any_n(n):
+    # The Gram matrix is multiplied out in tiles of 2 x 4 rows; n need not be a multiple of either.
+    generator = np.random.default_rng(n)
+    matrix = (10 + generator.normal(size=(n, 12))).astype(np.float32)
+    f = (n - 3) // 2
+    expected = reference.krum_scores(matrix.tolist(), f)
+    np.testing.assert_allclose(fast.krum_scores(matrix, f), expected, rtol=1e-9)
+    got = fast.multi_krum(matrix, f=f)
+    wanted = reference.multi_krum(matrix.tolist(), f=f)
+    assert (got.used, got.discarded) == (wanted.used, wanted.discarded)
+
+
+@pytest.mark.parametrize("name", sorted(fast.RULES))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fast_rule_finds_a_non_finite_value_in_the_last_partial_block(name, bad):
+    d = fast.GROUP_COLUMNS + 300
+    matrix = np.ones((7, d), dtype=np.float32)
+    matrix[4, d - 1] = bad
+    with pytest.raises(NonFiniteInputError, match="update 4 ") as caught:
+        fast.RULES[name](matrix, f=2 if name != "mean" else 0)
+    assert (caught.value.index, caught.value.position) == (4, d - 1)
+
+
+@pytest.mark.parametrize("name", sorted(fast.RULES))
+def test_fast_rule_reports_a_non_finite_input_before_a_bad_argument(name):
+    # As the references do: they check the updates before the weights and f.
+    matrix = np.ones((3, 10), dtype=np.float32)
+    matrix[1, 2] = math.nan
+    with pytest.raises(NonFiniteInputError, match="update 1 "):
+        reference.RULES[name](matrix.tolist(), f=5)
+    with pytest.raises(NonFiniteInputError, match="update 1 "):
+        fast.RULES[name](matrix, f=5)
+
+
+def test_fast_rules_do_not_depend_on_the_thread_count():
+    # Every partial sum belongs to a fixed group of columns and groups add in order, whatever the threads.
+    generator = np.random.default_rng(2)
+    matrix = generator.normal(size=(9, 3 * fast.GROUP_COLUMNS + 5)).astype(np.float32)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append({name: rule(matrix, f=3 if name != "mean" else 0) for name, rule in fast.RULES.items()})
+    finally:
+        torch.set_num_threads(before)
+    for name in fast.RULES:
+        one, two = results[0][name], results[1][name]
+        assert torch.equal(one.values, two.values), name
+        assert (one.used, one.discarded) == (two.used, two.discarded), name
+
+
+def test_sorting_network_cut_to_the_middle_still_finds_it():
+    # The cut network must leave the rows a rule reads exactly as a full sort would, for every input order.
+    generator = np.random.default_rng(4)
+    for n in AWKWARD_N:
+        for f in (0, (n - 1) // 4, (n - 1) // 2):
+            columns = generator.permuted(np.tile(np.arange(n, dtype=np.float32), (500, 1)), axis=1).T.copy()
+            got = fast.median(columns, f=f).values.numpy()
+            np.testing.assert_array_equal(got, np.median(columns, axis=0).astype(np.float32))
+            got = fast.trimmed_mean(columns, f=f).values.numpy()
+            np.testing.assert_array_equal(got, np.full(500, (n - 1) / 2, dtype=np.float32))
