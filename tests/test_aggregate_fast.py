@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server import aggregation as fast
+from server import aggregation_kernels as kernels
 from shared import aggregate as reference
 from shared.aggregate import AggregationError, NonFiniteInputError
 
@@ -146,7 +147,7 @@ def test_fast_rules_take_torch_tensors_as_well_as_numpy_arrays():
 def test_fast_rules_chunk_long_updates_like_short_ones():
     # Longer than a group of columns, so block, panel and group seams are crossed; counts add across groups.
     generator = np.random.default_rng(1)
-    d = fast.GROUP_COLUMNS + 3
+    d = kernels.GROUP_COLUMNS + 3
     matrix = generator.normal(size=(7, d)).astype(np.float32)
     matrix[5] -= 50
     matrix[6] += 50
@@ -222,7 +223,7 @@ def test_fast_coordinate_wise_rules_equal_reference_on_floats_for_any_n(name, n)
 def test_fast_trimming_counts_decide_at_the_threshold_as_the_reference(name):
     # Input 5 is trimmed at exactly floor(threshold) coordinates, input 6 at one more: 5 is used, 6 is
     # discarded. d spans several column groups, so the counts must add up across them to the last one.
-    n, f, d = 7, 2, 2 * fast.GROUP_COLUMNS + 300
+    n, f, d = 7, 2, 2 * kernels.GROUP_COLUMNS + 300
     threshold = d * (1 + 2 * f / n) / 2
     matrix = np.zeros((n, d), dtype=np.float32)
     matrix[5, : math.floor(threshold)] = 100
@@ -274,7 +275,7 @@ def test_fast_krum_scores_equal_reference_for_any_n(n):
 @pytest.mark.parametrize("name", sorted(fast.RULES))
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_fast_rule_finds_a_non_finite_value_in_the_last_partial_block(name, bad):
-    d = fast.GROUP_COLUMNS + 300
+    d = kernels.GROUP_COLUMNS + 300
     matrix = np.ones((7, d), dtype=np.float32)
     matrix[4, d - 1] = bad
     with pytest.raises(NonFiniteInputError, match="update 4 ") as caught:
@@ -296,7 +297,7 @@ def test_fast_rule_reports_a_non_finite_input_before_a_bad_argument(name):
 def test_fast_rules_do_not_depend_on_the_thread_count():
     # Every partial sum belongs to a fixed group of columns and groups add in order, whatever the threads.
     generator = np.random.default_rng(2)
-    matrix = generator.normal(size=(9, 3 * fast.GROUP_COLUMNS + 5)).astype(np.float32)
+    matrix = generator.normal(size=(9, 3 * kernels.GROUP_COLUMNS + 5)).astype(np.float32)
     before = torch.get_num_threads()
     try:
         results = []
