@@ -11,7 +11,7 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,7 @@ class OpenRound:
     outcomes: dict[str, tuple] = field(default_factory=dict)  # node id -> (Decision, tokens) for the books
     reports: list[NodeReport] = field(default_factory=list)
     bytes_received: int = 0
+    closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
 
 
 class Coordinator:
@@ -147,6 +148,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._open: OpenRound | None = None
         self._pending_payloads: dict[tuple[str, int], PendingUpdate] = {}
+        self._deferred: list[tuple[NodeSession, PayloadHeader, bytes, PendingUpdate]] = []  # arrived while closing
         self._model = GPT(self.cfg)
         self._val_batches = validation_batches(corpus.validation, self.cfg.block_size)
         # quality of an update: the loss change it alone makes on a held-out batch not used for validation
@@ -347,6 +349,11 @@ class Coordinator:
             await self._reject(session, u, "integrity", "payload does not match the signed update")
             return
         rnd = self._open
+        if (rnd is None or rnd.closing) and not self.finished:
+            # the round is being aggregated (or the next not yet open): the update waits for the next round,
+            # where it counts as a late one; taken now, it would be told "accepted" and never aggregated
+            self._deferred.append((session, header, data, pending))
+            return
         if rnd is None:
             await self._reject(session, u, "no_round", "no round is open")
             return
@@ -436,6 +443,7 @@ class Coordinator:
                      rnd.config["inner_steps"], self.deadline_seconds)
             for s in self._ready_sessions():
                 await self._assign(s, rnd)
+            await self._replay_deferred(rnd)
             while not self._round_complete(rnd):
                 if time.time() >= rnd.deadline and not rnd.accepted:
                     rnd.deadline = time.time() + self.deadline_seconds  # nothing arrived: keep waiting
@@ -446,6 +454,16 @@ class Coordinator:
                 except asyncio.TimeoutError:
                     pass
             await self._close_round(rnd)
+
+    async def _replay_deferred(self, rnd: OpenRound) -> None:
+        """Decide the updates that arrived while the last round closed, in the round now open."""
+        deferred, self._deferred = self._deferred, []
+        for session, header, data, pending in deferred:
+            if session.state == "left":
+                continue
+            weight = 1.0 if pending.update.round == rnd.round else STALE_WEIGHT
+            self._pending_payloads[(session.node_id, header.transfer_id)] = replace(pending, weight=weight)
+            await self.on_payload(session, header, data)
 
     def _aggregate(self, rnd: OpenRound) -> tuple[np.ndarray, list[int]]:
         """The aggregate of the accepted updates and the indices the rule discarded as outliers."""
@@ -468,7 +486,8 @@ class Coordinator:
         return values.astype(np.float32), list(result.discarded)
 
     async def _close_round(self, rnd: OpenRound) -> None:
-        grad, discarded = self._aggregate(rnd)
+        rnd.closing = True
+        grad, discarded = await asyncio.to_thread(self._aggregate, rnd)  # seconds at d = 10M: off the event loop
         val_loss, ckpt, path, sha, qualities = await asyncio.to_thread(self._apply_and_checkpoint, rnd, grad)
         new_round = rnd.round + 1
         # the books: every decided update, then the rules for the next round, then the next deadline
@@ -563,6 +582,9 @@ class Coordinator:
     async def _finish(self) -> None:
         self.finished = True
         log.info("job finished after %d rounds", self.round)
+        deferred, self._deferred = self._deferred, []
+        for session, _, _, pending in deferred:
+            await self._reject(session, pending.update, "no_round", "the job finished before the update could count")
         for s in self._ready_sessions():
             await self._send(s, Bye("job finished"))
 

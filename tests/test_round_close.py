@@ -1,0 +1,62 @@
+"""An update that arrives while its round is being aggregated counts once, in the next round, as a late one.
+
+The real coordinator with simulated workers over in-process links (server/simulate.py), so the frames are the
+real signed Updates and payloads; the straggler's deadline is passed by hand to make the race deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import pytest
+
+from server.coordinator import STALE_WEIGHT
+from server.corpus import load_corpus
+from server.simulate import SimOptions, Simulation
+
+
+async def straggler_lands_while_the_round_closes(data_dir):
+    options = SimOptions(workers=2, rounds=2, inner_steps=2, batch_size=4, corpus_bytes=1_000_000, seed=0, out=None)
+    sim = Simulation(options, load_corpus(None, options.corpus_bytes), data_dir)
+    coordinator = sim.coordinator
+    sim._task = asyncio.create_task(coordinator.run())
+    fast, slow = sim._new_worker(False), sim._new_worker(False)
+    for worker in (fast, slow):
+        await sim._join(worker)
+    await sim._wait_for(lambda: fast.assignment is not None and slow.assignment is not None, "round 0 assignments")
+    trained = {}
+    for worker in (fast, slow):
+        await sim._fetch_model(worker, worker.assignment)
+        trained[worker] = sim._train(worker, worker.assignment)
+
+    await sim._upload(fast, fast.assignment, trained[fast][0], trained[fast])
+    closing = coordinator._open
+    closing.deadline = time.time()  # the deadline passes with one update in: the round closes without `slow`
+    coordinator._changed.set()
+    while not closing.closing:
+        await asyncio.sleep(0)
+    await sim._upload(slow, slow.assignment, trained[slow][0], trained[slow])  # lands mid-aggregation
+    assert 0 not in slow.results  # not told "accepted" by a round that would not aggregate it
+
+    await sim._wait_for(lambda: coordinator.round >= 1 and fast.assignment.round == 1, "round 1 to open")
+    await sim._wait_for(lambda: 0 in slow.results, "the straggler's verdict")
+    await sim._fetch_model(fast, fast.assignment)
+    values, *rest = sim._train(fast, fast.assignment)
+    await sim._upload(fast, fast.assignment, values, (values, *rest))
+    await sim._wait_for(lambda: sim._task.done(), "the job to finish")
+    sim._task.result()
+    return coordinator.status()["history"], slow
+
+
+@pytest.mark.timeout(120)
+def test_an_update_arriving_while_its_round_closes_counts_in_the_next_round_as_late(tmp_path):
+    history, slow = asyncio.run(straggler_lands_while_the_round_closes(tmp_path))
+    assert slow.results[0].accepted
+    assert [h["accepted"] for h in history] == [0, 1, 2]  # round 1: the fast update; round 2: fast + late slow
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        rows = db.execute("SELECT round, node_id, accepted, weight FROM updates ORDER BY id").fetchall()
+    assert [(r, accepted, weight) for r, node, accepted, weight in rows if node == slow.node_id] == [
+        (0, 1, STALE_WEIGHT)]
+    assert len(rows) == 3
