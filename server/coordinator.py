@@ -312,12 +312,14 @@ class Coordinator:
             verify(u.node_id, signing_bytes("update", u.signing_fields()), u.signature)
         except SignatureError as e:
             return "signature", str(e)
-        if self._open is None:
-            return "no_round", "no round is open"
-        known = {self._open.round: self.model_hash, self._open.round - 1: self.previous_hash}
+        if self.finished:
+            return "no_round", "the job has finished"
+        # self.round is the open round's number, or the next one's between a commit and its opening: an update
+        # that arrives then waits for that round (on_payload), like one that arrives while a round closes
+        known = {self.round: self.model_hash, self.round - 1: self.previous_hash}
         if u.round in known and u.model_hash != known[u.round]:
             return "model_hash", f"update for round {u.round} names another model than that round's"
-        if u.round > self._open.round:
+        if u.round > self.round:
             return "model_hash", f"round {u.round} has not opened"
         if u.num_values != self.n_params:
             return "shape", f"update has {u.num_values} values, the model has {self.n_params}"
@@ -337,7 +339,7 @@ class Coordinator:
         if rejection is not None:
             await self._reject(session, u, *rejection)
             return
-        weight = 1.0 if u.round == self._open.round else STALE_WEIGHT
+        weight = 1.0 if u.round == self.round else STALE_WEIGHT
         self._pending_payloads[(session.node_id, u.transfer_id)] = PendingUpdate(u, session, weight, time.time())
 
     async def on_payload(self, session: NodeSession, header: PayloadHeader, data: bytes) -> None:
@@ -355,7 +357,7 @@ class Coordinator:
             self._deferred.append((session, header, data, pending))
             return
         if rnd is None:
-            await self._reject(session, u, "no_round", "no round is open")
+            await self._reject(session, u, "no_round", "the job has finished")
             return
         try:
             values = decode_numpy(compress.CodecSpec.from_dict(u.codec), data, u.num_values)
