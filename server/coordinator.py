@@ -114,13 +114,19 @@ class OpenRound:
     deadline: float
     assignments: dict[str, int] = field(default_factory=dict)  # node id -> shard
     reported: set[str] = field(default_factory=set)  # node ids whose update for this round was decided
+    late: set[str] = field(default_factory=set)  # node ids whose late update (for the round before) was decided
     config: dict = field(default_factory=dict)  # the round config sent to nodes
     accepted: list[tuple[np.ndarray, float, UpdateRecord]] = field(default_factory=list)
     records: list[UpdateRecord] = field(default_factory=list)
-    outcomes: dict[str, tuple] = field(default_factory=dict)  # node id -> (Decision, tokens) for the books
+    outcomes: dict[tuple[str, int], tuple] = field(default_factory=dict)  # (node id, update's round) -> (Decision,
+    # tokens) for the books: a late update and the node's update for this round are two pieces of work
     reports: list[NodeReport] = field(default_factory=list)
     bytes_received: int = 0
     closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
+
+    def decided(self, update_round: int) -> set[str]:
+        """The node ids whose update for `update_round` was decided in this round: this round's own, or late."""
+        return self.reported if update_round == self.round else self.late
 
 
 class Coordinator:
@@ -368,18 +374,18 @@ class Coordinator:
             norm = float(np.linalg.norm(values.astype(np.float64)))
         decision = self.governor.check_update(rnd.round, u.node_id, {
             "pseudo_gradient_norm": norm, "loss": u.loss_last, "numel": int(values.size),
-            "expected_numel": self.n_params, "updates_this_round": int(session.node_id in rnd.reported),
+            "expected_numel": self.n_params, "updates_this_round": int(session.node_id in rnd.decided(u.round)),
             "staleness": rnd.round - u.round, "tokens": u.tokens})
         if not decision.allowed:
-            if session.node_id not in rnd.outcomes:
-                rnd.outcomes[session.node_id] = (decision, u.tokens)
+            if (session.node_id, u.round) not in rnd.outcomes:
+                rnd.outcomes[(session.node_id, u.round)] = (decision, u.tokens)
             await self._reject(session, u, ",".join(decision.blocked_by), "; ".join(decision.reasons))
             return
         record = self._record(u, True, "", len(data), pending.weight)
         rnd.accepted.append((values, pending.weight, record))
         rnd.records.append(record)
-        rnd.reported.add(session.node_id)
-        rnd.outcomes[session.node_id] = (decision, u.tokens)
+        rnd.decided(u.round).add(session.node_id)
+        rnd.outcomes[(session.node_id, u.round)] = (decision, u.tokens)
         rnd.bytes_received += len(data)
         received = time.time()
         rnd.reports.append(NodeReport(u.node_id, u.inner_steps, int(rnd.config["batch_size"]), u.seconds,
@@ -400,9 +406,9 @@ class Coordinator:
     async def _reject(self, session: NodeSession, u: Update, rule: str, reason: str) -> None:
         log.warning("round %d: rejected update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule, reason)
         rnd = self._open
-        if rnd is not None and session.node_id not in rnd.reported:
+        if rnd is not None and session.node_id not in rnd.decided(u.round):
             rnd.records.append(self._record(u, False, f"{rule}: {reason}", u.payload_bytes, 0.0))
-            rnd.reported.add(session.node_id)
+            rnd.decided(u.round).add(session.node_id)
         await self._send(session, UpdateResult(u.round, False, reason, rule))
         self._changed.set()
 
@@ -493,10 +499,11 @@ class Coordinator:
         val_loss, ckpt, path, sha, qualities = await asyncio.to_thread(self._apply_and_checkpoint, rnd, grad)
         new_round = rnd.round + 1
         # the books: every decided update, then the rules for the next round, then the next deadline
-        accepted_nodes = [rec.node_id for _, _, rec in rnd.accepted]
+        accepted_keys = [(rec.node_id, rec.round) for _, _, rec in rnd.accepted]
         outcomes = []
-        for node_id, (decision, tokens) in rnd.outcomes.items():
-            index = accepted_nodes.index(node_id) if node_id in accepted_nodes else None
+        for (node_id, update_round), (decision, tokens) in rnd.outcomes.items():
+            key = (node_id, update_round)
+            index = accepted_keys.index(key) if key in accepted_keys else None
             outcomes.append(UpdateOutcome(node_id, decision, tokens,
                                           qualities[index] if index is not None else 0,
                                           index is not None and index not in discarded))

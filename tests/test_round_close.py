@@ -1,4 +1,5 @@
-"""An update that arrives while its round is being aggregated counts once, in the next round, as a late one.
+"""An update that arrives while its round is being aggregated counts once, in the next round, as a late one;
+the node's own update for that next round counts as well.
 
 The real coordinator with simulated workers over in-process links (server/simulate.py), so the frames are the
 real signed Updates and payloads; the straggler's deadline is passed by hand to make the race deterministic.
@@ -40,11 +41,12 @@ async def straggler_lands_while_the_round_closes(data_dir):
     await sim._upload(slow, slow.assignment, trained[slow][0], trained[slow])  # lands mid-aggregation
     assert 0 not in slow.results  # not told "accepted" by a round that would not aggregate it
 
-    await sim._wait_for(lambda: coordinator.round >= 1 and fast.assignment.round == 1, "round 1 to open")
+    await sim._wait_for(lambda: all(w.assignment.round == 1 for w in (fast, slow)), "round 1 to open")
     await sim._wait_for(lambda: 0 in slow.results, "the straggler's verdict")
-    await sim._fetch_model(fast, fast.assignment)
-    values, *rest = sim._train(fast, fast.assignment)
-    await sim._upload(fast, fast.assignment, values, (values, *rest))
+    for worker in (fast, slow):  # the late update is extra work: the straggler's round-1 update counts too
+        await sim._fetch_model(worker, worker.assignment)
+        values, *rest = sim._train(worker, worker.assignment)
+        await sim._upload(worker, worker.assignment, values, (values, *rest))
     await sim._wait_for(lambda: sim._task.done(), "the job to finish")
     sim._task.result()
     return coordinator.status()["history"], slow
@@ -53,10 +55,10 @@ async def straggler_lands_while_the_round_closes(data_dir):
 @pytest.mark.timeout(120)
 def test_an_update_arriving_while_its_round_closes_counts_in_the_next_round_as_late(tmp_path):
     history, slow = asyncio.run(straggler_lands_while_the_round_closes(tmp_path))
-    assert slow.results[0].accepted
-    assert [h["accepted"] for h in history] == [0, 1, 2]  # round 1: the fast update; round 2: fast + late slow
+    assert slow.results[0].accepted and slow.results[1].accepted
+    assert [h["accepted"] for h in history] == [0, 1, 3]  # round 1: fast's; round 2: slow's late one, both new
     with sqlite3.connect(tmp_path / "state.db") as db:
         rows = db.execute("SELECT round, node_id, accepted, weight FROM updates ORDER BY id").fetchall()
-    assert [(r, accepted, weight) for r, node, accepted, weight in rows if node == slow.node_id] == [
-        (0, 1, STALE_WEIGHT)]
-    assert len(rows) == 3
+    assert sorted((r, accepted, weight) for r, node, accepted, weight in rows if node == slow.node_id) == [
+        (0, 1, STALE_WEIGHT), (1, 1, 1.0)]
+    assert len(rows) == 4
