@@ -509,7 +509,6 @@ class Simulation:
                 "seconds": round(seconds, 2),
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()}}
 
-
     def _reputation(self) -> dict:
         """The coordinator's mean reputation of the honest workers and of the attackers (None: there were none),
         over every worker that ever joined: discarded, rejected and slashed updates lower it."""
