@@ -19,6 +19,7 @@ from server.simulate import SimOptions, SimulationError, alie_z, main, run_simul
 # library's unicode code-page tables start near byte 3.4M and would add a data shift to every curve).
 BASE = dict(workers=9, rounds=6, inner_steps=5, batch_size=8, lr=1e-3, seed=0, corpus_bytes=3_000_000, out=None)
 A_THIRD = 1 / 3  # 3 of 9 workers
+ROBUST = ["median", "trimmed", "krum", "multikrum", "cclip"]
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +46,29 @@ def test_the_clean_swarm_learns(runs):
     assert clean.summary["accepted"] == 9 * 6 and clean.summary["rejected"] == 0
 
 
-def test_a_third_of_sign_flippers_slow_the_mean_but_not_the_median(runs):
+def test_a_third_of_sign_flippers_slow_the_mean_by_more_than_ten_percent(runs):
     clean = runs()
     mean = runs(byzantine=A_THIRD, attack="signflip")
-    median = runs(byzantine=A_THIRD, attack="signflip", aggregator="median")
-    assert mean.summary["accepted"] == median.summary["accepted"] == 9 * 6  # the flipped updates pass the rules
-    assert ratio(median, clean) <= 1.10
+    assert mean.summary["accepted"] == 9 * 6  # the flipped updates pass the rules
     assert ratio(mean, clean) > 1.10
 
 
-def test_a_third_of_alie_attackers_leave_the_trimmed_mean_within_ten_percent(runs):
-    # ALIE hides inside the honest spread to fool robust rules; here (z = 0.76 for 3 of 9) it moves no rule, the
-    # mean included, by more than about 1%, so only the robust rule's half of the issue's claim is asserted
+@pytest.mark.parametrize("aggregator", ROBUST)
+def test_a_third_of_sign_flippers_leave_every_robust_rule_within_ten_percent(runs, aggregator):
     clean = runs()
-    trimmed = runs(byzantine=A_THIRD, attack="alie", aggregator="trimmed")
-    assert trimmed.summary["accepted"] == 9 * 6
-    assert ratio(trimmed, clean) <= 1.10
+    robust = runs(byzantine=A_THIRD, attack="signflip", aggregator=aggregator)
+    assert robust.summary["accepted"] == 9 * 6
+    assert ratio(robust, clean) <= 1.10
+
+
+@pytest.mark.parametrize("aggregator", ROBUST)
+def test_a_third_of_alie_attackers_leave_every_robust_rule_within_ten_percent(runs, aggregator):
+    # ALIE hides inside the honest spread to fool robust rules; here (z = 0.76 for 3 of 9) it moves no rule, the
+    # mean included, by more than about 1%, so only the robust rules' half of the issue's claim is asserted
+    clean = runs()
+    robust = runs(byzantine=A_THIRD, attack="alie", aggregator=aggregator)
+    assert robust.summary["accepted"] == 9 * 6
+    assert ratio(robust, clean) <= 1.10
 
 
 def test_alie_z_follows_the_paper():
