@@ -54,20 +54,13 @@ def test_a_third_of_sign_flippers_slow_the_mean_by_more_than_ten_percent(runs):
 
 
 @pytest.mark.parametrize("aggregator", ROBUST)
-def test_a_third_of_sign_flippers_leave_every_robust_rule_within_ten_percent(runs, aggregator):
-    clean = runs()
-    robust = runs(byzantine=A_THIRD, attack="signflip", aggregator=aggregator)
-    assert robust.summary["accepted"] == 9 * 6
-    assert ratio(robust, clean) <= 1.10
-
-
-@pytest.mark.parametrize("aggregator", ROBUST)
-def test_a_third_of_alie_attackers_leave_every_robust_rule_within_ten_percent(runs, aggregator):
+@pytest.mark.parametrize("attack", ["signflip", "alie"])
+def test_a_third_of_attackers_leave_every_robust_rule_within_ten_percent(runs, attack, aggregator):
     # ALIE hides inside the honest spread to fool robust rules; here (z = 0.76 for 3 of 9) it moves no rule, the
-    # mean included, by more than about 1%, so only the robust rules' half of the issue's claim is asserted
+    # mean included, by more than about 1%, so for ALIE only the robust rules' half of the issue's claim holds
     clean = runs()
-    robust = runs(byzantine=A_THIRD, attack="alie", aggregator=aggregator)
-    assert robust.summary["accepted"] == 9 * 6
+    robust = runs(byzantine=A_THIRD, attack=attack, aggregator=aggregator)
+    assert robust.summary["accepted"] == 9 * 6  # the attackers' updates pass the rules
     assert ratio(robust, clean) <= 1.10
 
 
