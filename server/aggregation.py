@@ -13,8 +13,8 @@ panel while it is in cache, so that no temporary grows with d:
   sort, cut to the comparators that the rows the rule reads depend on. A comparator is a min and a max of
   two rows of keys, a loop the compiler vectorizes, where a sort per column branches on every comparison.
   The first three stages (sorting each group of 8 rows) run in registers.
-- Krum's distances come from a float64 Gram matrix of the updates relative to update 0, multiplied out in
-  register tiles (see _gram).
+- Krum's distances are summed squared differences of each pair of updates, in float64 register tiles (see
+  squared_distances).
 - centered clipping gets its start (the median) and the distances from it in one pass, then each step's
   move and the next step's distances in one pass more.
 - the weighted means (mean, multi-Krum's average) are one pass, summed in float64.
@@ -169,37 +169,35 @@ def trimmed_mean(updates: Matrix, weights: Sequence[float] | None = None, f: int
     return _result(values, used, discarded)
 
 
-def _gram(matrix: np.ndarray) -> np.ndarray:
-    """(n, n) float64 Gram matrix of the rows relative to row 0; checks the inputs are finite.
+def squared_distances(matrix: np.ndarray) -> np.ndarray:
+    """(n, n) float64 squared Euclidean distances between the rows; checks the inputs are finite.
 
-    Distances do not change when every row moves by the same vector, so taking the rows relative to row 0
-    removes the component all updates share, which is what makes |a|^2 + |b|^2 - 2ab cancel (a float32 Gram
-    matrix of the raw updates picked the wrong client at d = 10M). The arithmetic is float64, in which the
-    difference of two float32 values is exact (unless one is over 2^29 times the other).
+    Each distance sums its own squared differences, in float64, in which the difference of two float32
+    values is exact (unless one is over 2^29 times the other, and then it is rounded once). A Gram matrix,
+    |a|^2 + |b|^2 - 2ab, loses about float64 epsilon times |a|^2 + |b|^2 to cancellation, so it was taken
+    relative to row 0; but updates are stacked in arrival order, and a first update 1e8 times the others
+    cancelled every honest distance to nothing: Krum picked an outlier. Here no input changes the accuracy
+    of a distance between two others.
 
-    Measured at n = 32, d = 10M on one core: torch's float64 addmm over 262144-column chunks took 1.9 s,
-    numpy's float64 syrk 1.2 s, a float32 torch Gram matrix per 8192-column chunk added up in float64 0.66 s
-    (but it is only as accurate as float32 rounding, 1e-8 to 1e-7, where the tests hold Krum's scores to
-    1e-9), and these float64 register tiles 0.5 s, about 60% of the core's float64 FMA peak: fastest, and
-    as accurate as the old addmm.
+    The differences are multiplied out in register tiles of 2 x 4 rows, as the Gram matrix was. On one core
+    of an AVX-512 EPYC (n = 16, 32 and 64, d = 4M) they took within 3% of the time of the Gram tiles relative
+    to row 0: the subtractions go to the floating-point adders, beside the FMA units. A Gram matrix relative
+    to the coordinate-wise median, which no minority of rows can move either, took 18% to 33% longer at
+    n = 32 and 64, for the sorting network that finds the median. On cores whose adders are the FMA units
+    (Intel's before Golden Cove) the subtractions compete with the FMAs: not measured yet.
+    Earlier, at n = 32, d = 10M: torch's float64 addmm over 262144-column chunks took 1.9 s, numpy's float64
+    syrk 1.2 s, and a float32 torch Gram matrix per 8192-column chunk added up in float64 0.66 s (but it is
+    only as accurate as float32 rounding, 1e-8 to 1e-7, where the tests hold Krum's scores to 1e-9).
     """
     n, d = matrix.shape
     m = -(-n // 4) * 4
     partial = np.zeros((kernels.groups(d), m, m), dtype=np.float64)
-    kernels.launch(kernels.gram_kernel, matrix, partial)
-    upper = np.triu(partial.sum(axis=0))[:n, :n]
-    gram = upper + np.triu(upper, 1).T
-    if not np.isfinite(gram).all():  # a non-finite input makes its row's diagonal entry inf or NaN
+    kernels.launch(kernels.pairwise_distance_kernel, matrix, partial)
+    upper = np.triu(partial.sum(axis=0), 1)[:n, :n]
+    distances = upper + upper.T
+    # A non-finite input makes its row of distances inf or NaN; a lone row has no distances to show it.
+    if n == 1 or not np.isfinite(distances).all():
         check_finite(matrix)
-    return gram
-
-
-def squared_distances(matrix: np.ndarray) -> np.ndarray:
-    """(n, n) float64 squared Euclidean distances, from the float64 Gram matrix of _gram."""
-    gram = _gram(matrix)
-    norms = gram.diagonal()
-    distances = np.maximum(norms[:, None] + norms[None, :] - 2 * gram, 0)
-    np.fill_diagonal(distances, 0)
     return distances
 
 

@@ -22,9 +22,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 BLOCK_COLUMNS = 256
-"""Columns the sorting network and the Gram tiles work on at a time: a block's sort keys (n KiB) stay in L1
-cache through the network's ~100 passes, a block of float64 values (2n KiB) in L2 through the Gram tiles'.
-At n = 32, 128 columns were slower for both (loop overheads); 512 no faster."""
+"""Columns the sorting network and the distance tiles work on at a time: a block's sort keys (n KiB) stay in
+L1 cache through the network's ~100 passes, a block of float64 values (2n KiB) in L2 through the distance
+tiles'. At n = 32, 128 columns were slower for both (loop overheads); 512 no faster."""
 
 PANEL_COLUMNS = 2048
 """Columns read from the matrix at a time: n runs of 8 KiB, long enough for the hardware prefetchers (runs of
@@ -33,7 +33,7 @@ in cache for the second look that counting trimmed values or summing distances t
 
 GROUP_COLUMNS = 8 * PANEL_COLUMNS
 """Columns per unit of parallel work and per partial sum: 611 groups at d = 10M keep 16 threads evenly busy,
-and the per-group partial Gram matrices (n * n float64 each) take a few MiB."""
+and the per-group partial distance matrices (n * n float64 each) take a few MiB."""
 
 _KEY_OF_POSITIVE_INFINITY = 0x7F800000
 _KEY_OF_NEGATIVE_INFINITY = -0x7F800001
@@ -271,54 +271,61 @@ def coordinate_kernel(matrix, pairs, presorted, f, trimmed, values, center, coun
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _gram_tile(block, a, b, width, gram):
-    """gram[a:a+2, b:b+4] += dot products of block rows a, a+1 with rows b..b+3 over `width` columns.
+def _distance_tile(block, a, b, width, squared):
+    """squared[a:a+2, b:b+4] += squared distances of block rows a, a+1 from rows b..b+3 over `width` columns.
 
-    Eight sums at once: each value loaded serves 2 or 4 products, and eight vector accumulators (reassociated
-    so that they vectorize) fill the FMA units without spilling registers.
+    Eight sums at once: each value loaded serves 2 or 4 differences, and eight vector accumulators
+    (reassociated so that they vectorize) keep the floating-point units busy without spilling registers.
     """
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0.0
     x0, x1 = block[a], block[a + 1]
     y0, y1, y2, y3 = block[b], block[b + 1], block[b + 2], block[b + 3]
     for c in range(width):
-        s00 += x0[c] * y0[c]
-        s01 += x0[c] * y1[c]
-        s02 += x0[c] * y2[c]
-        s03 += x0[c] * y3[c]
-        s10 += x1[c] * y0[c]
-        s11 += x1[c] * y1[c]
-        s12 += x1[c] * y2[c]
-        s13 += x1[c] * y3[c]
-    gram[a, b] += s00
-    gram[a, b + 1] += s01
-    gram[a, b + 2] += s02
-    gram[a, b + 3] += s03
-    gram[a + 1, b] += s10
-    gram[a + 1, b + 1] += s11
-    gram[a + 1, b + 2] += s12
-    gram[a + 1, b + 3] += s13
+        t00 = x0[c] - y0[c]
+        t01 = x0[c] - y1[c]
+        t02 = x0[c] - y2[c]
+        t03 = x0[c] - y3[c]
+        t10 = x1[c] - y0[c]
+        t11 = x1[c] - y1[c]
+        t12 = x1[c] - y2[c]
+        t13 = x1[c] - y3[c]
+        s00 += t00 * t00
+        s01 += t01 * t01
+        s02 += t02 * t02
+        s03 += t03 * t03
+        s10 += t10 * t10
+        s11 += t11 * t11
+        s12 += t12 * t12
+        s13 += t13 * t13
+    squared[a, b] += s00
+    squared[a, b + 1] += s01
+    squared[a, b + 2] += s02
+    squared[a, b + 3] += s03
+    squared[a + 1, b] += s10
+    squared[a + 1, b + 1] += s11
+    squared[a + 1, b + 2] += s12
+    squared[a + 1, b + 3] += s13
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def gram_kernel(matrix, partial):
-    """partial[g] += the upper triangle (and the diagonal 4x4 blocks) of the Gram matrix of group g's
-    columns relative to row 0, in float64; partial is (groups, m, m) with m = n rounded up to 4."""
+def pairwise_distance_kernel(matrix, partial):
+    """partial[g, a, b] += ||matrix[a] - matrix[b]||^2 over group g's columns, in float64, for a < b (and
+    some a >= b: the tiles on the diagonal); partial is (groups, m, m) with m = n rounded up to 4."""
     n, d = matrix.shape
     m = partial.shape[1]
     for g in prange(partial.shape[0]):
         block = np.zeros((m, BLOCK_COLUMNS), dtype=np.float64)  # rows n..m-1 stay zero
-        gram = partial[g]
+        squared = partial[g]
         for start in range(g * GROUP_COLUMNS, min(d, (g + 1) * GROUP_COLUMNS), BLOCK_COLUMNS):
             width = min(BLOCK_COLUMNS, d - start)
-            origin = matrix[0, start : start + width]
             for i in range(n):
                 row = matrix[i, start : start + width]
                 out = block[i]
                 for c in range(width):
-                    out[c] = np.float64(row[c]) - np.float64(origin[c])
+                    out[c] = np.float64(row[c])
             for a in range(0, m, 2):
                 for b in range(a // 4 * 4, m, 4):
-                    _gram_tile(block, a, b, width, gram)
+                    _distance_tile(block, a, b, width, squared)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -135,6 +135,38 @@ def test_fast_krum_picks_the_right_input_under_a_large_shared_offset():
     assert (norms[:, None] + norms[None, :] - 2 * naive).min() < 0  # the float32 Gram matrix is useless here
 
 
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+def test_fast_krum_is_not_steered_by_a_huge_first_update(name):
+    # Updates are stacked in arrival order, so the first sender owns row 0; distances taken relative to
+    # row 0 cancelled to nothing here, and Krum picked the 1e6 outlier.
+    matrix = np.array([[1e30], [1e6], [0], [0.1], [-0.1], [0.2], [-0.2]], dtype=np.float32)
+    expected = reference.RULES[name](matrix.tolist(), f=2)
+    got = fast.RULES[name](matrix, f=2)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded)
+    assert expected.discarded == [0, 1]
+
+
+@pytest.mark.parametrize("d", [1, 1000])
+@pytest.mark.parametrize("magnitude", [1e8, 1e12, 1e20, 1e30])
+@pytest.mark.parametrize("huge_rows", [(0,), (4,), (0, 4)], ids=["first", "middle", "first-and-middle"])
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+def test_fast_krum_keeps_and_discards_the_reference_rows_beside_huge_updates(name, huge_rows, magnitude, d):
+    # Honest updates of size 1 beside attackers' updates `magnitude` times larger, wherever they arrive: the
+    # honest distances must survive the attackers' magnitude, so the same rows are picked and discarded.
+    # Fewer attackers than f, so that multi-Krum must also rank honest rows to leave the worst of them out.
+    n, f = 9, 3
+    generator = np.random.default_rng(len(huge_rows) * 1000 + d)
+    matrix = generator.normal(size=(n, d)).astype(np.float32)
+    for i in huge_rows:
+        matrix[i] = (magnitude * (1 + generator.random(d))).astype(np.float32)
+    expected = reference.RULES[name](matrix.tolist(), f=f)
+    got = fast.RULES[name](matrix, f=f)
+    assert (got.used, got.discarded) == (expected.used, expected.discarded)
+    assert set(huge_rows) <= set(expected.discarded)
+    if name == "krum":
+        assert np.array_equal(got.values.numpy(), matrix[got.used[0]])
+
+
 def test_fast_rules_take_torch_tensors_as_well_as_numpy_arrays():
     matrix = np.random.default_rng(0).normal(size=(7, 300)).astype(np.float32)
     for name, rule in fast.RULES.items():
@@ -261,7 +293,7 @@ def test_fast_coordinate_wise_rules_on_the_extremes_of_float32(name):
 
 @pytest.mark.parametrize("n", AWKWARD_N)
 def test_fast_krum_scores_equal_reference_for_any_n(n):
-    # The Gram matrix is multiplied out in tiles of 2 x 4 rows; n need not be a multiple of either.
+    # The distances are summed in tiles of 2 x 4 rows; n need not be a multiple of either.
     generator = np.random.default_rng(n)
     matrix = (10 + generator.normal(size=(n, 12))).astype(np.float32)
     f = (n - 3) // 2
