@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import math
-import random
 import time
 from array import array
 from typing import Any
@@ -21,6 +19,7 @@ from kernels.quant import QUANT_BLOCK_SIZE
 from kernels.trainer import DeviceTrainer
 from shared import compress
 from shared.agent import RoundPlanner
+from shared.batches import ADAMW_BETAS, ADAMW_EPS, ScheduleError, batch_seed, batch_starts
 from shared.identity import signing_bytes
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.model import GPTConfig, num_parameters
@@ -40,10 +39,9 @@ except ImportError:  # plain CPython: the pure parts stay importable for tests; 
 HANDSHAKE_TIMEOUT_S = 10.0
 DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path, as the PyTorch trainer does
 RESULT_TIMEOUT_S = 120.0
+RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
 PROGRESS_INTERVAL_S = 0.5  # inner steps are submitted in groups that take about this long, then reported
-ADAMW_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, which the PyTorch trainer uses
-ADAMW_EPS = 1e-8
 
 
 class FatalError(Exception):
@@ -62,21 +60,14 @@ class Stopped(Exception):
     """The user pressed Stop."""
 
 
-def batch_seed(node_id: str, round_: int) -> int:
-    """The seed of a round's batch sampling, as the PyTorch trainer derives it."""
-    return int.from_bytes(hashlib.sha256(f"{node_id}:{round_}".encode()).digest()[:8], "little")
-
-
 def sample_batches(shard: bytes, steps: int, batch_size: int, seq_len: int, seed: int) -> list[tuple[bytes, bytes]]:
-    """`steps` batches of `batch_size` random windows of `seq_len` tokens and their next-byte targets, each as
-    B*T bytes (row-major), like server.training.sample_batch."""
-    high = len(shard) - seq_len - 1
-    if high <= 0:
-        raise FatalError(f"a shard of {len(shard)} bytes is too short for windows of {seq_len} tokens")
-    rng = random.Random(seed)
+    """The batches of shared.batches.batch_starts, each as (tokens, targets): B*T bytes, row-major."""
+    try:
+        schedule = batch_starts(len(shard), steps, batch_size, seq_len, seed)
+    except ScheduleError as e:
+        raise FatalError(str(e)) from None
     batches = []
-    for _ in range(steps):
-        starts = [rng.randrange(high) for _ in range(batch_size)]
+    for starts in schedule:
         tokens = b"".join(shard[s : s + seq_len] for s in starts)
         targets = b"".join(shard[s + 1 : s + seq_len + 1] for s in starts)
         batches.append((tokens, targets))
@@ -158,8 +149,9 @@ class BrowserNode:
 
     async def run(self) -> str:
         """Train until Stop, the job's end, or a refusal; reconnect with backoff on lost links. Why it ended."""
-        delay = 0.5
+        delay = RECONNECT_MIN_S
         while True:
+            self.welcomed = False
             try:
                 await self._session()
                 return "done"
@@ -175,6 +167,8 @@ class BrowserNode:
                 self.bridge.closeLinks()
                 if self.stopped:
                     return "stopped"
+                if self.welcomed:  # that connection was good: an outage starts the backoff afresh
+                    delay = RECONNECT_MIN_S
                 self.report("state", state="reconnecting", message=f"{e}; reconnecting in {delay:.1f}s")
                 await self._sleep_unless_stopped(delay)
                 if self.stopped:
@@ -201,10 +195,15 @@ class BrowserNode:
         await self.bridge.sendSignal(hello.encode())
         welcome = await self._handshake_reply("welcome")
         if isinstance(welcome, Error):
+            if welcome.code == "finished":
+                raise JobFinished(welcome.message)
+            if welcome.code != "denied":  # a join-rate limit, say: it passes, so try again later
+                raise Disconnected(f"the coordinator cannot take this node now: [{welcome.code}] {welcome.message}")
             raise FatalError(f"the coordinator refused this node: [{welcome.code}] {welcome.message}")
         if not isinstance(welcome, Welcome):
             raise FatalError(f"expected welcome, got {welcome.TYPE}")
         self._setup_job(welcome.job)
+        self.welcomed = True
         max_payload = 4 * welcome.job["params"] + 1024
         self._receivers = {"websocket": FrameReceiver(max_payload), "webrtc": FrameReceiver(max_payload)}
         self.report("state", state="opening data channel", round=welcome.round, job=welcome.job)
@@ -350,7 +349,8 @@ class BrowserNode:
                     newer = item
         shard = await self._shard(assignment.shard)
         trainer = self._trainer(batch)
-        trainer.load_params(self.global_params)  # the AdamW moments carry over rounds, as in the torch trainer
+        trainer.load_params(self.global_params)
+        trainer.reset_optimizer()  # every round from fresh AdamW moments, so that the coordinator can re-execute it
         batches = sample_batches(shard, steps, batch, seq, batch_seed(self.node_id, assignment.round))
         started = time.time()
         losses = await self._inner_steps(trainer, assignment.round, batches, float(cfg["lr"]),

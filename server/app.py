@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -21,8 +20,9 @@ from starlette.staticfiles import StaticFiles
 
 from server.bundle import BundleCache, bundle_endpoint
 from server.coordinator import Coordinator
-from shared.governance import Proposal, Vote
+from shared.governance import NotEligibleError, Proposal, Vote
 from server.signaling import SignalingServer
+from shared.wire import LimitExceeded, WireError, parse_json
 
 log = logging.getLogger("swarmgrad.app")
 
@@ -32,16 +32,24 @@ PYODIDE_DIR = PROJECT_ROOT / "node_modules" / "pyodide"
 
 
 MAX_REQUEST_BYTES = 65_536  # a signed proposal or vote is a few hundred bytes; nothing we accept is larger
+LEDGER_PAGE = 200  # /api/ledger's entries when no limit is asked for ...
+MAX_LEDGER_PAGE = 10_000  # ... and at most, whatever the limit asked for
+
+
+def refusal(code: str, message: str, status_code: int = 400) -> JSONResponse:
+    """A typed error answer: `code` names the kind of error (a shared.wire WireError code where there is one)."""
+    return JSONResponse({"error": message, "code": code}, status_code=status_code)
 
 
 async def read_json(request: Request) -> object:
-    """The request's JSON body, read no further than MAX_REQUEST_BYTES (ValueError beyond, or on bad JSON)."""
+    """The request's JSON body, read no further than MAX_REQUEST_BYTES; a WireError (a ValueError) for a body
+    that is too large, too deeply nested, not UTF-8 or not JSON (shared.wire.parse_json's checks)."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_REQUEST_BYTES:
-            raise ValueError(f"request body exceeds {MAX_REQUEST_BYTES} bytes")
-    return json.loads(body)
+            raise LimitExceeded(f"request body exceeds {MAX_REQUEST_BYTES} bytes")
+    return parse_json(bytes(body), max_bytes=MAX_REQUEST_BYTES)
 
 
 def create_app(coordinator: Coordinator) -> Starlette:
@@ -60,16 +68,21 @@ def create_app(coordinator: Coordinator) -> Starlette:
         return JSONResponse(coordinator.governor.describe())
 
     async def submit(request: Request, kind: str) -> Response:
-        """POST a signed proposal or vote (JSON of shared.governance.Proposal / Vote, signature included)."""
+        """POST a signed proposal or vote (JSON of shared.governance.Proposal / Vote, signature included), stamped
+        with the current round (±1). 403 when the signer may not take part, 400 for anything else refused."""
         try:
             body = await read_json(request)
             if kind == "proposal":
-                result = coordinator.governor.propose(Proposal.from_dict(body))
+                result = coordinator.governor.propose(Proposal.from_dict(body), coordinator.round)
             else:
-                coordinator.governor.vote(Vote.from_dict(body))
+                coordinator.governor.vote(Vote.from_dict(body), coordinator.round)
                 result = {"recorded": True}
-        except (ValueError, KeyError, TypeError) as e:  # GovernanceError is a ValueError; bad JSON too
-            return JSONResponse({"error": f"{kind} refused: {e}"}, status_code=400)
+        except WireError as e:  # the body itself: too large, too deep, or not JSON
+            return refusal(e.code, f"{kind} refused: {e}")
+        except NotEligibleError as e:
+            return refusal("not_eligible", f"{kind} refused: {e}", 403)
+        except (ValueError, KeyError, TypeError) as e:  # GovernanceError is a ValueError
+            return refusal("refused", f"{kind} refused: {e}")
         return JSONResponse(result, status_code=201)
 
     async def proposals(request: Request) -> Response:
@@ -79,12 +92,18 @@ def create_app(coordinator: Coordinator) -> Starlette:
         return await submit(request, "vote")
 
     async def ledger(request: Request) -> Response:
+        """The balances, the chain head, and the last `limit` entries (of `node`, if given)."""
         node = request.query_params.get("node")
+        try:
+            limit = int(request.query_params.get("limit", LEDGER_PAGE))
+        except ValueError:
+            return refusal("bad_query", f"limit must be an integer, got {request.query_params['limit'][:40]!r}")
+        limit = min(max(limit, 0), MAX_LEDGER_PAGE)
         entries = coordinator.store.ledger_entries()
         if node:
             entries = [e for e in entries if e["node"] == node]
         return JSONResponse({"balances": coordinator.store.balances(), "head": coordinator.governor.ledger.head,
-                             "entries": entries[-int(request.query_params.get("limit", 200)):]})
+                             "entries": entries[max(len(entries) - limit, 0):]})
 
     async def shard(request: Request) -> Response:
         try:

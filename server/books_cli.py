@@ -1,7 +1,8 @@
 """The `ledger` and `governance` commands: verify and show the books, list rules, propose and vote.
 
-`ledger verify` reads the data directory directly, so it can audit a coordinator that is not running.
-Never write to the store from here; proposals and votes go through the coordinator's REST API.
+`ledger verify` reads the data directory directly (the store opened read-only), so it can audit a coordinator
+that is not running; docs/LEDGER.md says what it checks. Never write to the store from here; proposals and votes
+go through the coordinator's REST API.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server.keys import NodeKey
+from server.keys import NodeKey, SignatureError, verify
+from server.store import OutdatedSchema, RoundRecord, Store
 from shared.governance import Proposal, Vote
-from shared.rewards import check_chain
+from shared.identity import validate_node_id
+from shared.rewards import (ChainFault, LedgerError, check_anchors, check_chain, check_rewards, round_record_bytes,
+                            terms_by_round)
 
 MICRO = 1_000_000
 STAMP_TRIES = 3  # a round may close between reading the round and posting; then re-stamp and re-sign
@@ -50,33 +54,87 @@ def _credits(micro: int) -> str:
 # -- ledger ------------------------------------------------------------------------------------------------
 
 
-def read_books(data_dir: Path) -> tuple[list[dict], dict[str, int], str | None]:
-    """The ledger entries, the stored balance table and the last committed round's ledger head."""
-    db_path = data_dir / "state.db"
-    if not db_path.exists():
-        raise FileNotFoundError(f"no coordinator state in {data_dir} (expected {db_path})")
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
-        entries = [json.loads(row[0]) for row in db.execute("SELECT entry FROM ledger ORDER BY seq")]
-        balances = dict(db.execute("SELECT account, amount FROM balances"))
-        row = db.execute("SELECT ledger_head FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
-    head = row[0] if row and row[0] else None
-    return entries, balances, head
+def open_books(data_dir: Path) -> Store:
+    """The data directory's store, read-only: auditing never creates, migrates or writes anything."""
+    return Store(data_dir / "state.db", read_only=True)
+
+
+def coordinator_id_of(data_dir: Path, given: str | None) -> str:
+    """The public id the round records must be signed by: the one given (what an auditor trusts, e.g. from
+    GET /api/status), else the one derived from the data directory's own coordinator.key."""
+    if given:
+        return validate_node_id(given)
+    key_path = data_dir / "coordinator.key"
+    if not key_path.exists():
+        raise FileNotFoundError(f"no {key_path}: pass --coordinator-id (the coordinator's public id, "
+                                "coordinator_id in GET /api/status)")
+    return NodeKey.load_or_create(key_path).node_id  # it exists: this only reads it
+
+
+def _signed(coordinator_id: str, record: RoundRecord) -> bool:
+    try:
+        verify(coordinator_id, round_record_bytes(record.round, record.model_hash, record.ledger_head),
+               record.signature)
+        return True
+    except SignatureError:
+        return False
+
+
+def _at(fault: ChainFault, entries: list) -> str:
+    return f"entry {fault.index}" if fault.index < len(entries) else f"the end of the log ({len(entries)} entries)"
+
+
+def audit_books(store: Store, coordinator_id: str) -> list[str]:
+    """Every reason the books do not check out; empty when they do. Checks, in order: the hash chain and the
+    balance table recomputed from the log; each round record's signature by `coordinator_id`; the signed ledger
+    heads against the chain; every reward recomputed from its update record under the terms then in force."""
+    entries, rounds = store.ledger_entries(), store.rounds()
+    failures = []
+    fault = check_chain(entries, balances=store.balances())
+    if fault is not None:
+        failures.append(f"at {_at(fault, entries)}: {fault.reason}")
+    unsigned = [r.round for r in rounds if not _signed(coordinator_id, r)]
+    if unsigned:
+        more = f" (and {len(unsigned) - 1} later rounds)" if len(unsigned) > 1 else ""
+        failures.append(f"round {unsigned[0]}{more}: the record does not carry coordinator {coordinator_id[:16]}...'s "
+                        "signature over (round, model hash, ledger head): it was edited, or signed by another key")
+    fault = check_anchors(entries, [(r.round, r.ledger_head) for r in rounds])
+    if fault is not None:
+        failures.append(f"at {_at(fault, entries)}: {fault.reason}")
+    governance = store.get_meta("governance") or {}
+    try:
+        terms = terms_by_round(governance.get("params", {}), governance.get("audit", []), [r.round for r in rounds])
+    except LedgerError as e:
+        failures.append(f"reward terms: {e}")
+    else:
+        fault = check_rewards(entries, [dataclasses.asdict(u) for u in store.updates()], terms)
+        if fault is not None:
+            failures.append(f"at {_at(fault, entries)}: {fault.reason}")
+    return failures
 
 
 def ledger_verify(args) -> int:
     try:
-        entries, balances, head = read_books(args.data_dir)
-    except (FileNotFoundError, sqlite3.Error) as e:
+        store = open_books(args.data_dir)
+        try:
+            coordinator_id = coordinator_id_of(args.data_dir, args.coordinator_id)  # ValueError when malformed
+            failures = audit_books(store, coordinator_id)
+            entries, rounds, balances = store.ledger_entries(), store.rounds(), store.balances()
+        finally:
+            store.close()
+    except (FileNotFoundError, ValueError, OutdatedSchema, sqlite3.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fault = check_chain(entries, head=head, balances=balances)
-    if fault is not None:
-        where = f"entry {fault.index}" if fault.index < len(entries) else f"the end of the log ({len(entries)} entries)"
-        print(f"ledger verification FAILED at {where}: {fault.reason}", file=sys.stderr)
+    for failure in failures:
+        print(f"ledger verification FAILED {failure}", file=sys.stderr)
+    if failures:
         return 1
-    total = sum(balances.values())
-    print(f"ledger intact: {len(entries)} entries, chain head {head or '-'}, {len(balances)} accounts, "
-          f"balances recomputed from the log match the stored ones (sum {total})")
+    head = entries[-1]["hash"] if entries else "-"
+    rewards = sum(e["kind"] == "reward" for e in entries)
+    print(f"ledger intact: {len(entries)} entries, chain head {head}, {len(balances)} accounts, balances recomputed "
+          f"from the log match the stored ones (sum {sum(balances.values())}); {len(rounds)} round records signed "
+          f"by coordinator {coordinator_id}, the last anchoring the head; {rewards} rewards recomputed from their "
+          "updates")
     return 0
 
 
@@ -85,7 +143,7 @@ def ledger_balances(args) -> int:
         if args.coordinator:
             balances = _get(args.coordinator, "/api/ledger")["balances"]
         else:
-            balances = read_books(args.data_dir)[1]
+            balances = open_books(args.data_dir).balances()
     except (OSError, sqlite3.Error, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,7 +206,7 @@ def _post_stamped(coordinator: str, path: str, make) -> dict:
         try:
             return _post(coordinator, path, make(_current_round(coordinator)).to_dict())
         except RuntimeError as e:
-            if "before boundary" not in str(e) and "predates" not in str(e):
+            if "stamped round" not in str(e):  # shared.governance's words for a stamp the coordinator refused
                 raise
     return _post(coordinator, path, make(_current_round(coordinator)).to_dict())
 
@@ -198,8 +256,11 @@ def governance_vote(args) -> int:
 def ledger_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server ledger", description="Audit and show the reward ledger.")
     sub = p.add_subparsers(dest="action", required=True)
-    v = sub.add_parser("verify", help="recompute the hash chain and every balance from the log")
+    v = sub.add_parser("verify", help="recompute the hash chain, every balance and every reward from the log, and "
+                                      "check the coordinator's signature on every round record")
     v.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"))
+    v.add_argument("--coordinator-id", default=None, help="the coordinator's public id (64 hex characters) that "
+                                                           "signed the rounds (default: from DATA_DIR/coordinator.key)")
     v.set_defaults(run=ledger_verify)
     b = sub.add_parser("balances", help="show every account's balance")
     b.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"))

@@ -30,6 +30,16 @@ def int_at_least(minimum: int):
     return parse
 
 
+def share_option(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
+    return value
+
+
 def codec_option(text: str) -> str:
     """An argparse type: a codec option, `name[:key=value,...]`, checked by shared.compress.parse_codec."""
     from shared import compress
@@ -73,6 +83,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=CODEC_HELP + "; fixed for the job's life (default: %(default)s)")
     p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
                    help="how the coordinator combines updates; governed, so votes may change it "
+                        "(default: %(default)s)")
+    p.add_argument("--verify-share", type=share_option, default=d.verify_share, metavar="SHARE",
+                   help="the share of updates the coordinator re-executes to check the work was done, 0 to 1; "
+                        "a node's first update is always checked, as it earns the start grant "
                         "(default: %(default)s)")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: the --host address "
@@ -134,7 +148,7 @@ def serve(argv: list[str]) -> int:
     try:
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
                         round_deadline=args.round_deadline, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                        codec=args.codec, aggregator=args.aggregator)
+                        codec=args.codec, aggregator=args.aggregator, verify_share=args.verify_share)
         corpus = load_corpus(args.data)
         ice = args.ice_host
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:

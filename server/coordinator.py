@@ -7,30 +7,36 @@ link. Never let a rejected update touch the pending aggregate, the model or the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import secrets
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from server import aggregation
+from server import aggregation, copies, spot_check
 from server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from server.corpus import Corpus
 from server.codecs import decode_numpy
-from server.governor import Governor, InsufficientFunds, UpdateOutcome
+from server.governor import Governor, UpdateOutcome
 from server.keys import NodeKey, SignatureError, verify
 from server.link import Link, LinkClosed
+from server.log_limits import LogLimiter
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
 from server.store import RoundRecord, Store, UpdateRecord
 from server.training import evaluate, validation_batches
 from shared import compress
 from shared.agent import CoordinatorObservation, CoordinatorPolicy, NodeReport, standing
 from shared.aggregate import AggregationError
-from shared.rewards import quality_to_ppm
+from shared.batches import tokens_allowed
+from shared.rules import Decision, Verdict
+from shared.rewards import quality_to_ppm, round_record_bytes
 from shared.diloco import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM
 from shared.identity import signing_bytes
 from shared.model import model_config, num_parameters
@@ -43,10 +49,36 @@ STALE_WEIGHT = 0.5  # an update computed on the previous round's model counts on
 PAYLOAD_SLACK = 1.25  # what a node may send us at most, relative to one fp32 model
 CHECKPOINTS_KEPT = 5  # when no storage rule bounds it
 DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of the nodes' round times
+# an announced update whose payload has not arrived after this long (plus the time its bytes need at a slow
+# link's rate) is dropped, and its memory freed
+PAYLOAD_WAIT_S = 30.0
+PAYLOAD_WAIT_BYTES_PER_S = 256 * 1024
+PENDING_PER_NODE = 2  # announced updates a node may have waiting for their bytes: this round's and a late one
+SECONDS_SLACK_S = 2.0  # a node's reported training time may exceed the wall time since its assignment by this
+SPEED_JUMP = 8.0  # a node reporting more than this many times its measured speed is read at that bound
+ASSIGNMENTS_KEPT = 8  # rounds whose assignments are remembered; older updates are refused as unassigned
+MAX_SPOT_CHECKS = 4  # re-executions a round at most: each costs the coordinator one node's training time
+JOINS_PER_KEY_PER_MINUTE = 30  # reconnects of one key; a key past it waits, without costing anyone else
 
 
 class JobMismatch(Exception):
     """The data directory holds a different job than the one asked for on the command line."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a hello was not admitted. `code` goes to the node in the Error; `permanent` refusals (the deny list,
+    quarantine) will not change by retrying, the others (join rate, a finished job) may."""
+
+    code: str
+    reason: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code == "denied"
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -68,11 +100,14 @@ class JobConfig:
     byzantine_fraction: float = 0.25  # the share of updates a robust aggregator is told to tolerate (its f)
     codec: str = "fp32"
     seed: int = 0
+    verify_share: float = 0.05  # the share of updates the coordinator re-executes (spot checks); not governed
 
     def __post_init__(self) -> None:
         model_config(self.model)  # KeyError naming the known sizes
         if self.inner_steps < 1 or self.batch_size < 1 or self.round_deadline <= 0 or self.rounds < 0:
             raise ValueError("inner_steps and batch_size must be >= 1, round_deadline > 0, rounds >= 0")
+        if not 0.0 <= self.verify_share <= 1.0:
+            raise ValueError(f"verify_share must lie in [0, 1], got {self.verify_share}")
         if self.aggregator not in aggregation.RULES:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
         try:
@@ -97,6 +132,8 @@ class NodeSession:
     link: Link | None = None
     state: str = "connecting"  # connecting -> ready -> training -> submitted; left
     connected_at: float = field(default_factory=time.time)
+    # closes every link of this node (set by the transport): a removed node must not keep a socket to talk on
+    disconnect: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -106,6 +143,32 @@ class PendingUpdate:
     weight: float
     received_at: float
 
+    @property
+    def expires_at(self) -> float:
+        return self.received_at + PAYLOAD_WAIT_S + self.update.payload_bytes / PAYLOAD_WAIT_BYTES_PER_S
+
+
+@dataclass(frozen=True)
+class Assignments:
+    """What a round gave out: its config, and each node's shard and when its assignment was sent."""
+
+    opened_at: float
+    config: dict
+    assignments: dict[str, int]  # shared with the OpenRound while it is open
+    assigned_at: dict[str, float]
+
+
+@dataclass(eq=False)  # one update is itself, never equal to another by value
+class AcceptedUpdate:
+    """An update that passed the rules on arrival; the round's close may still find it a copy or a fake."""
+
+    values: np.ndarray
+    weight: float
+    record: UpdateRecord
+    update: Update
+    verdict: object = None  # the Decision booked for it; replaced at close if it is judged a copy or a fake
+    verified: bool = False  # re-executed by the spot check and found honest
+
 
 @dataclass
 class OpenRound:
@@ -113,14 +176,16 @@ class OpenRound:
     opened_at: float
     deadline: float
     assignments: dict[str, int] = field(default_factory=dict)  # node id -> shard
+    assigned_at: dict[str, float] = field(default_factory=dict)  # node id -> when its assignment was sent
     reported: set[str] = field(default_factory=set)  # node ids whose update for this round was decided
     late: set[str] = field(default_factory=set)  # node ids whose late update (for the round before) was decided
     config: dict = field(default_factory=dict)  # the round config sent to nodes
-    accepted: list[tuple[np.ndarray, float, UpdateRecord]] = field(default_factory=list)
+    accepted: list[AcceptedUpdate] = field(default_factory=list)
     records: list[UpdateRecord] = field(default_factory=list)
     outcomes: dict[tuple[str, int], tuple] = field(default_factory=dict)  # (node id, update's round) -> (Decision,
     # tokens) for the books: a late update and the node's update for this round are two pieces of work
     reports: list[NodeReport] = field(default_factory=list)
+    evidence: dict[tuple[str, int], dict] = field(default_factory=dict)  # (node id, round) -> why it was overruled
     bytes_received: int = 0
     closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
 
@@ -153,7 +218,14 @@ class Coordinator:
         self.finished = False
         self._changed = asyncio.Event()
         self._open: OpenRound | None = None
+        # the assignments of recent rounds, without their updates: a late update is checked against its own
+        self._assigned: dict[int, Assignments] = {}
         self._pending_payloads: dict[tuple[str, int], PendingUpdate] = {}
+        self._known_nodes = {n["id"] for n in self.store.nodes()}  # a reconnect of a known key is not a join
+        self._reconnects: dict[str, deque[float]] = {}  # node id -> its recent admissions
+        self._spot_check_salt = secrets.token_bytes(32)  # which updates get re-executed: unpredictable to nodes
+        self.intake_errors = 0  # settle and commit failures survived (each logged once, with its cause)
+        self.peer_log = LogLimiter(log)  # lines a node's input can cause: rate-limited, so they cannot flood
         self._deferred: list[tuple[NodeSession, PayloadHeader, bytes, PendingUpdate]] = []  # arrived while closing
         self._model = GPT(self.cfg)
         self._val_batches = validation_batches(corpus.validation, self.cfg.block_size)
@@ -177,8 +249,8 @@ class Coordinator:
         corpus = self.store.get_meta("corpus") or {}
         if corpus.get("sha256") != self.corpus.digest:
             log.warning("the corpus differs from the one this job started with (%s)", corpus.get("name"))
-        # the round count may change across restarts; governed parameters change only by vote
-        merged = JobConfig(**{**stored, "rounds": job.rounds})
+        # the round count and the spot-check share may change across restarts; governed parameters only by vote
+        merged = JobConfig(**{**stored, "rounds": job.rounds, "verify_share": job.verify_share})
         self.store.set_meta("job", asdict(merged))
         return merged
 
@@ -191,8 +263,9 @@ class Coordinator:
             ckpt = Checkpoint(0, params, None)
             path, sha = write_checkpoint(self.data_dir / "checkpoints", ckpt)
             now = time.time()
-            self.store.commit_round(RoundRecord(0, ckpt.model_hash, path.name, sha, val, 0, 0, 0, 0, now, now, now, ""),
-                                    [])
+            signature = self.key.sign(round_record_bytes(0, ckpt.model_hash, ""))
+            self.store.commit_round(RoundRecord(0, ckpt.model_hash, path.name, sha, val, 0, 0, 0, 0, now, now, now, "",
+                                                signature), [])
             last = self.store.last_round()
             log.info("initialised %s (%d parameters), validation loss %.4f", self.job.model, self.n_params, val)
         ckpt = read_checkpoint(self.data_dir / "checkpoints" / last.checkpoint, last.checkpoint_sha256)
@@ -223,18 +296,27 @@ class Coordinator:
 
     # -- sessions -----------------------------------------------------------------------------------------
 
-    def admit(self, node_id: str, kind: str) -> str | None:
-        """The admission hook: None to admit, or the reason for refusing (the rules that blocked it)."""
+    def admit(self, node_id: str, kind: str, address: str = "") -> Refusal | None:
+        """The admission hook: None to admit, or why not. Joins are limited per address (new keys) and per key
+        (reconnects), never globally, so that one peer cannot lock the others out."""
         if self.finished:
-            return "the job is finished"
+            return Refusal("finished", "the job is finished")
         if node_id in self.policy.quarantined:
-            return "quarantined: " + "; ".join(self.policy.quarantined[node_id].reasons)
-        try:
-            decision = self.governor.admit(node_id, self.round)
-        except InsufficientFunds as e:
-            return f"cannot post the stake to join: {e}"
+            return Refusal("denied", "quarantined: " + "; ".join(self.policy.quarantined[node_id].reasons))
+        now = time.time()
+        recent = self._reconnects.setdefault(node_id, deque())
+        while recent and now - recent[0] > 60.0:
+            recent.popleft()
+        if len(recent) >= JOINS_PER_KEY_PER_MINUTE:
+            return Refusal("busy", f"this key connected {len(recent)} times in the last minute; retry later")
+        for key in [k for k, q in self._reconnects.items() if not q and k != node_id]:
+            del self._reconnects[key]  # forget keys that have been quiet for a minute
+        decision = self.governor.admit(node_id, self.round, address=address,
+                                       returning=node_id in self._known_nodes)
         if not decision.allowed:
-            return f"blocked by {', '.join(decision.blocked_by)}: {'; '.join(decision.reasons)}"
+            code = "busy" if decision.blocked_by == ["joins-per-minute"] else "denied"
+            return Refusal(code, f"blocked by {', '.join(decision.blocked_by)}: {'; '.join(decision.reasons)}")
+        recent.append(now)
         return None
 
     def attach(self, session: NodeSession) -> None:
@@ -243,12 +325,29 @@ class Coordinator:
             old.state = "left"  # a reconnect replaces the old session; its link is dead or about to be
         self.sessions[session.node_id] = session
         self.store.touch_node(session.node_id, session.kind, session.agent)
+        self._known_nodes.add(session.node_id)
 
     def detach(self, session: NodeSession) -> None:
+        session.state = "left"  # whatever it sends from now on is dropped (see _intake_open)
+        for key in [k for k, p in self._pending_payloads.items() if p.session is session]:
+            del self._pending_payloads[key]  # bytes that can no longer arrive
         if self.sessions.get(session.node_id) is session:
-            session.state = "left"
             del self.sessions[session.node_id]
             self._changed.set()
+
+    async def remove(self, session: NodeSession, error: Error) -> None:
+        """Tell a node why it is removed, detach it and close its links: nothing it sends is heard again."""
+        await self._send(session, error)
+        self.detach(session)
+        if session.disconnect is not None:
+            try:
+                await session.disconnect()
+            except Exception as e:  # the transport may be half gone already; the session is detached anyway
+                log.info("closing the links of %s: %s", session.node_id[:12], e)
+
+    def _intake_open(self, session: NodeSession) -> bool:
+        """Whether to hear this session at all: a detached, replaced or quarantined node is not heard."""
+        return session.state != "left" and session.node_id not in self.policy.quarantined
 
     async def node_ready(self, session: NodeSession) -> None:
         """The session's link is up: give it work if a round is open."""
@@ -280,6 +379,7 @@ class Coordinator:
             shard = self._shard_counter % self.corpus.num_shards
             self._shard_counter += 1
             rnd.assignments[session.node_id] = shard
+        rnd.assigned_at.setdefault(session.node_id, time.time())
         msg = RoundOpen(rnd.round, self.model_hash, self.model_signature(rnd.round, self.model_hash), rnd.config,
                         shard, rnd.deadline)
         if await self._send(session, msg):
@@ -288,14 +388,18 @@ class Coordinator:
     # -- messages from nodes ------------------------------------------------------------------------------
 
     async def on_message(self, session: NodeSession, msg: Message) -> None:
+        if not self._intake_open(session):
+            return
         if isinstance(msg, ModelRequest):
             await self._send_model(session, msg)
         elif isinstance(msg, Update):
             await self._on_update(session, msg)
         elif isinstance(msg, Bye):
+            if self.sessions.get(session.node_id) is session:
+                self.governor.leave(session.node_id)  # a clean leave: the stake returns when the round closes
             self.detach(session)
         else:
-            log.warning("ignoring %s from %s", msg.TYPE, session.node_id[:12])
+            self.peer_log.warning("ignoring %s from %s", msg.TYPE, session.node_id[:12])
 
     async def _send_model(self, session: NodeSession, req: ModelRequest) -> None:
         if req.model_hash != self.model_hash:
@@ -309,15 +413,56 @@ class Coordinator:
         except LinkClosed:
             self.detach(session)
 
-    def _early_rejection(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
-        """(rule, reason) when the update breaks the protocol itself (identity, signature, encoding, unknown
-        model); checked before its bytes arrive. What the rules decide is checked on the bytes (_decide)."""
+    def _unsigned(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
+        """(rule, reason) when the update is not this node's own signed statement. Such an update is answered and
+        never booked: booking it would let anyone write into another node's record."""
         if u.node_id != session.node_id:
             return "identity", "update signed for another node id"
         try:
             verify(u.node_id, signing_bytes("update", u.signing_fields()), u.signature)
         except SignatureError as e:
             return "signature", str(e)
+        return None
+
+    def _round_of(self, update_round: int) -> Assignments | None:
+        """What was assigned in that round, if it is recent enough to be remembered (ASSIGNMENTS_KEPT rounds)."""
+        return self._assigned.get(update_round)
+
+    def _decided(self, node_id: str, update_round: int) -> bool:
+        """Whether an update of this node for this round was already heard: one decision per (node, round), ever,
+        across restarts too (committed decisions are in the store)."""
+        key = (node_id, update_round)
+        rnd = self._open
+        if rnd is not None and (key in rnd.outcomes or node_id in rnd.decided(update_round)):
+            return True
+        if any((p.update.node_id, p.update.round) == key for p in self._pending_payloads.values()):
+            return True
+        if any((p.update.node_id, p.update.round) == key for _, _, _, p in self._deferred):
+            return True
+        return self.store.update_decided(node_id, update_round)
+
+    def _claims_rejection(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
+        """(rule, reason) when what the update claims could not have been done for its assignment: more steps or
+        tokens than it was given, or more training time than has passed since it was sent."""
+        rnd = self._round_of(u.round)
+        if rnd is None or session.node_id not in rnd.assignments:
+            return "not_assigned", f"this node was given no assignment for round {u.round + 1}"
+        seq = int(rnd.config["seq_len"])
+        steps, batch = int(rnd.config["inner_steps"]), int(rnd.config["batch_size"])
+        allowed = tokens_allowed(steps, batch, seq)
+        if not 1 <= u.inner_steps <= steps:
+            return "claims", f"{u.inner_steps} inner steps claimed; the assignment allows 1 to {steps}"
+        if u.tokens > u.inner_steps * batch * seq or u.tokens % (u.inner_steps * seq):
+            return "claims", (f"{u.tokens} tokens claimed for {u.inner_steps} steps of {seq} tokens; the assignment "
+                              f"allows whole batches of at most {batch} sequences ({allowed} tokens in all)")
+        elapsed = time.time() - rnd.assigned_at.get(session.node_id, rnd.opened_at)
+        if not 0.0 <= u.seconds <= elapsed + SECONDS_SLACK_S:
+            return "claims", f"{u.seconds:.1f}s of training claimed, {elapsed:.1f}s after the assignment was sent"
+        return None
+
+    def _early_rejection(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
+        """(rule, reason) when the signed update breaks the protocol itself (encoding, unknown model, claims beyond
+        its assignment); checked before its bytes arrive. What the rules decide is checked on the bytes."""
         if self.finished:
             return "no_round", "the job has finished"
         # self.round is the open round's number, or the next one's between a commit and its opening: an update
@@ -338,17 +483,45 @@ class Coordinator:
             compress.check_wire_size(spec, u.num_values, u.payload_bytes)
         except compress.CodecError as e:
             return "shape", str(e)
-        return None
+        return self._claims_rejection(session, u)
 
     async def _on_update(self, session: NodeSession, u: Update) -> None:
+        unsigned = self._unsigned(session, u)
+        if unsigned is not None:
+            await self._send(session, UpdateResult(u.round, False, unsigned[1], unsigned[0]))
+            return
+        if self._decided(u.node_id, u.round):  # a replay, or a second update for the same round: never booked
+            await self._send(session, UpdateResult(u.round, False, f"an update of this node for round {u.round + 1} "
+                                                                   "was already received", "replay"))
+            return
         rejection = self._early_rejection(session, u)
         if rejection is not None:
             await self._reject(session, u, *rejection)
             return
+        self._expire_pending()
+        if sum(p.session is session for p in self._pending_payloads.values()) >= PENDING_PER_NODE:
+            await self._send(session, UpdateResult(u.round, False, f"{PENDING_PER_NODE} announced updates are still "
+                                                                   "waiting for their bytes", "pending"))
+            return
         weight = 1.0 if u.round == self.round else STALE_WEIGHT
         self._pending_payloads[(session.node_id, u.transfer_id)] = PendingUpdate(u, session, weight, time.time())
 
+    def _expire_pending(self) -> None:
+        """Drop announced updates whose bytes did not arrive in time, and free what they held."""
+        now = time.time()
+        for key, pending in list(self._pending_payloads.items()):
+            if now > pending.expires_at:
+                del self._pending_payloads[key]
+                log.info("dropped the update of %s for round %d: its payload did not arrive in time",
+                         key[0][:12], pending.update.round + 1)
+
+    @property
+    def pending_payloads(self) -> int:
+        return len(self._pending_payloads)
+
     async def on_payload(self, session: NodeSession, header: PayloadHeader, data: bytes) -> None:
+        if not self._intake_open(session):
+            return
         pending = self._pending_payloads.pop((session.node_id, header.transfer_id), None)
         if pending is None:
             return  # its Update was rejected before the bytes arrived (and the node was told)
@@ -382,17 +555,22 @@ class Coordinator:
             await self._reject(session, u, ",".join(decision.blocked_by), "; ".join(decision.reasons))
             return
         record = self._record(u, True, "", len(data), pending.weight)
-        rnd.accepted.append((values, pending.weight, record))
+        rnd.accepted.append(AcceptedUpdate(values, pending.weight, record, u, decision))
         rnd.records.append(record)
         rnd.decided(u.round).add(session.node_id)
         rnd.outcomes[(session.node_id, u.round)] = (decision, u.tokens)
         rnd.bytes_received += len(data)
         received = time.time()
-        rnd.reports.append(NodeReport(u.node_id, u.inner_steps, int(rnd.config["batch_size"]), u.seconds,
-                                      max(0.0, received - rnd.opened_at - u.seconds), received <= rnd.deadline))
+        seconds = u.seconds
+        known_speed = self.node_speed.get(u.node_id)
+        if known_speed and seconds > 0 and u.tokens / seconds > SPEED_JUMP * known_speed:
+            seconds = u.tokens / (SPEED_JUMP * known_speed)  # a claimed leap in speed is read at the bound
+        batch = u.tokens // (u.inner_steps * int(rnd.config["seq_len"]))
+        rnd.reports.append(NodeReport(u.node_id, u.inner_steps, batch, seconds,
+                                      max(0.0, received - rnd.opened_at - seconds), received <= rnd.deadline))
         session.state = "submitted"
-        if u.seconds > 0:
-            self.node_speed[u.node_id] = u.tokens / u.seconds
+        if seconds > 0:
+            self.node_speed[u.node_id] = u.tokens / seconds
         await self._send(session, UpdateResult(u.round, True))
         log.info("round %d: accepted update from %s (%s, H=%d, %d tokens, loss %.3f -> %.3f, norm %.3g, %d bytes)",
                  rnd.round + 1, session.node_id[:12], session.kind, u.inner_steps, u.tokens, u.loss_first, u.loss_last,
@@ -404,7 +582,8 @@ class Coordinator:
                             nbytes, weight, time.time())
 
     async def _reject(self, session: NodeSession, u: Update, rule: str, reason: str) -> None:
-        log.warning("round %d: rejected update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule, reason)
+        self.peer_log.warning("round %d: rejected update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule,
+                              reason)
         rnd = self._open
         if rnd is not None and session.node_id not in rnd.decided(u.round):
             rnd.records.append(self._record(u, False, f"{rule}: {reason}", u.payload_bytes, 0.0))
@@ -443,8 +622,12 @@ class Coordinator:
             while not self._ready_sessions():
                 self._changed.clear()
                 await self._changed.wait()
+            self._expire_pending()
             now = time.time()
             rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config())
+            self._assigned[rnd.round] = Assignments(rnd.opened_at, rnd.config, rnd.assignments, rnd.assigned_at)
+            for old in [r for r in self._assigned if r <= rnd.round - ASSIGNMENTS_KEPT]:
+                del self._assigned[old]
             self._open = rnd
             # logs count rounds as status does: round N is the one whose commit completes N rounds
             log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round + 1, len(self._ready_sessions()),
@@ -461,7 +644,10 @@ class Coordinator:
                     await asyncio.wait_for(self._changed.wait(), max(0.05, rnd.deadline - time.time()))
                 except asyncio.TimeoutError:
                     pass
-            await self._close_round(rnd)
+            try:
+                await self._close_round(rnd)
+            except Exception as e:  # noqa: BLE001 - a round's failure must never stop the coordinator
+                await self._abandon_round(rnd, e)
 
     async def _replay_deferred(self, rnd: OpenRound) -> None:
         """Decide the updates that arrived while the last round closed, in the round now open."""
@@ -473,10 +659,13 @@ class Coordinator:
             self._pending_payloads[(session.node_id, header.transfer_id)] = replace(pending, weight=weight)
             await self.on_payload(session, header, data)
 
-    def _aggregate(self, rnd: OpenRound) -> tuple[np.ndarray, list[int]]:
-        """The aggregate of the accepted updates and the indices the rule discarded as outliers."""
-        matrix = np.stack([v for v, _, _ in rnd.accepted])
-        weights = [w for _, w, _ in rnd.accepted]
+    def _aggregate(self, rnd: OpenRound) -> tuple[np.ndarray | None, list[int]]:
+        """The aggregate of the accepted updates and the indices the rule discarded as outliers (None when the
+        round's close judged every update a copy or a fake)."""
+        if not rnd.accepted:
+            return None, []
+        matrix = np.stack([a.values for a in rnd.accepted])
+        weights = [a.weight for a in rnd.accepted]
         name = str(self.governor.params["aggregator"])
         n = len(weights)
         f = int(n * self.job.byzantine_fraction)
@@ -493,21 +682,107 @@ class Coordinator:
         values = result.values.numpy() if isinstance(result.values, torch.Tensor) else np.asarray(result.values)
         return values.astype(np.float32), list(result.discarded)
 
+    # -- paying only for distinct, verified work ------------------------------------------------------------
+
+    def _judge(self, rnd: OpenRound) -> None:
+        """Before aggregation: pay only for distinct, verified work. An update that nearly copies an earlier one of
+        the round (from another key) is a suspect; suspects, then each node's first update, then a sampled share
+        are re-executed from their own assignments. One that does not reproduce is slashed, with the evidence; a
+        suspect that was not re-executed is paid nothing and costs its sender reputation, while one that
+        reproduces is honest agreement and stays. Overruled updates leave the aggregate. Runs in a worker thread."""
+        kept: list[AcceptedUpdate] = []
+        suspects: list[tuple[AcceptedUpdate, AcceptedUpdate, str]] = []  # (update, the one it copies, the measure)
+        for a in rnd.accepted:
+            copied = copies.copy_of(a.values, a.update.codec, [k.values for k in kept])
+            if copied is None:
+                kept.append(a)
+            else:
+                suspects.append((a, kept[copied[0]], copied[1]))
+        for a in self._spot_check_sample(rnd, kept, [s for s, _, _ in suspects]):
+            verdict = self._spot_check(rnd, a)
+            if verdict is None:
+                continue
+            if verdict.ok:
+                a.verified = True
+                continue
+            self._overrule(rnd, a, "spot-check", "the update does not reproduce from its assignment "
+                           f"(cosine {verdict.cosine:.3f}, relative error {verdict.relative_error:.3f})", slash=True,
+                           evidence={"spot_check": verdict.evidence})
+        for a, original, measure in suspects:
+            if not a.verified and a.verdict.allowed:
+                self._overrule(rnd, a, "distinct-work", f"a near-copy of the update of {original.record.node_id[:12]}… "
+                               f"in this round ({measure})", slash=False,
+                               evidence={"copy_of": original.record.node_id, "measure": measure})
+        rnd.accepted = [a for a in rnd.accepted if a.verdict.allowed]
+
+    def _spot_check(self, rnd: OpenRound, a: AcceptedUpdate):
+        """Re-execute one update from its assignment and judge it; None when the check itself could not run (our
+        failure, never the node's: the update then stays, unverified)."""
+        seq = int(rnd.config["seq_len"])
+        try:
+            recomputed = spot_check.reexecute(
+                self.cfg, self.params.numpy(), self.corpus.shard(rnd.assignments[a.record.node_id]),
+                a.record.node_id, a.update.round, a.update.inner_steps, a.update.tokens // (a.update.inner_steps * seq),
+                seq, float(rnd.config["lr"]), float(rnd.config.get("weight_decay", 0.0)))
+            return spot_check.judge(a.values, recomputed, a.update.codec)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.error("round %d: the spot check of %s could not run: %s", rnd.round + 1, a.record.node_id[:12], e)
+            return None
+
+    def _spot_check_sample(self, rnd: OpenRound, kept: list[AcceptedUpdate],
+                           suspects: list[AcceptedUpdate]) -> list[AcceptedUpdate]:
+        """Which updates to re-execute, at most MAX_SPOT_CHECKS a round, of those computed on this round's model
+        (their start is at hand): suspected copies first, then each node's first update (its verification pays
+        the start grant), then those a keyed hash samples at the job's verify share. None when the share is 0."""
+        if self.job.verify_share <= 0:
+            return []
+        on_time = [a for a in suspects + kept if a.update.round == rnd.round]
+        first = [a for a in on_time if a in suspects or not self.governor.ledger.has_grant(a.record.node_id)]
+        sampled = [a for a in on_time if a not in first and self._sampled(a)]
+        return (first + sampled)[:MAX_SPOT_CHECKS]
+
+    def _sampled(self, a: AcceptedUpdate) -> bool:
+        digest = hashlib.sha256(self._spot_check_salt + f"{a.record.node_id}:{a.update.round}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") < self.job.verify_share * 2**64
+
+    def _overrule(self, rnd: OpenRound, a: AcceptedUpdate, rule: str, reason: str, slash: bool,
+                  evidence: dict) -> None:
+        """Turn an update accepted on arrival into one blocked by `rule`, in the round's books and audit log."""
+        decision = Decision("update", (Verdict(rule, False, reason, slash),))
+        a.verdict = decision
+        key = (a.record.node_id, a.update.round)
+        rnd.outcomes[key] = (decision, a.update.tokens)
+        rnd.evidence[key] = evidence
+        index = next(i for i, r in enumerate(rnd.records) if r is a.record)
+        rnd.records[index] = replace(a.record, accepted=False, reason=f"{rule}: {reason}", weight=0.0)
+        self.governor.governance.audit.append_decision(decision, round=rnd.round, subject=a.record.node_id,
+                                                       detail=evidence)
+        log.warning("round %d: overruled the update of %s: [%s] %s", rnd.round + 1, a.record.node_id[:12], rule,
+                    reason)
+
     async def _close_round(self, rnd: OpenRound) -> None:
         rnd.closing = True
+        await asyncio.to_thread(self._judge, rnd)  # copies and spot checks leave before anything is aggregated
         grad, discarded = await asyncio.to_thread(self._aggregate, rnd)  # seconds at d = 10M: off the event loop
         val_loss, ckpt, path, sha, qualities = await asyncio.to_thread(self._apply_and_checkpoint, rnd, grad)
         new_round = rnd.round + 1
         # the books: every decided update, then the rules for the next round, then the next deadline
-        accepted_keys = [(rec.node_id, rec.round) for _, _, rec in rnd.accepted]
+        accepted = {(a.record.node_id, a.update.round): (i, a) for i, a in enumerate(rnd.accepted)}
         outcomes = []
-        for (node_id, update_round), (decision, tokens) in rnd.outcomes.items():
-            key = (node_id, update_round)
-            index = accepted_keys.index(key) if key in accepted_keys else None
-            outcomes.append(UpdateOutcome(node_id, decision, tokens,
-                                          qualities[index] if index is not None else 0,
-                                          index is not None and index not in discarded))
+        for key, (decision, tokens) in rnd.outcomes.items():
+            index, a = accepted.get(key, (None, None))
+            outcomes.append(UpdateOutcome(key[0], decision, tokens, qualities[index] if index is not None else 0,
+                                          index is not None and index not in discarded,
+                                          verified=a is not None and a.verified, memo=rnd.evidence.get(key)))
+        # each record keeps what its reward was computed from, so that `ledger verify` can recompute it
+        reward_inputs = {id(a.record): (qualities[i], i not in discarded) for i, a in enumerate(rnd.accepted)}
+        rnd.records = [replace(r, quality_ppm=reward_inputs[id(r)][0], aggregated=reward_inputs[id(r)][1])
+                       if id(r) in reward_inputs else r for r in rnd.records]
         entries = self.governor.settle(new_round, outcomes)  # booked under the round they commit with
+        for node_id, why in self.governor.failures:
+            self.intake_errors += 1
+            log.error("round %d: the books refused an entry for %s and the round commits without it: %s",
+                      new_round, node_id[:12], why)
         changes = self.governor.boundary(new_round)
         for change in changes:
             log.info("governance: %s %s -> %s takes effect in round %d", change.kind, change.target, change.after,
@@ -515,11 +790,13 @@ class Coordinator:
         self._adapt(rnd)
         tokens = sum(r.tokens for r in rnd.records if r.accepted)
         rejected = sum(1 for r in rnd.records if not r.accepted)
+        head = self.governor.ledger.head
         record = RoundRecord(new_round, ckpt.model_hash, path.name, sha, val_loss, len(rnd.accepted), rejected,
-                             tokens, rnd.bytes_received, rnd.opened_at, time.time(), rnd.deadline,
-                             self.governor.ledger.head)
+                             tokens, rnd.bytes_received, rnd.opened_at, time.time(), rnd.deadline, head,
+                             self.key.sign(round_record_bytes(new_round, ckpt.model_hash, head)))
         books = self.governor.snapshot()
-        self.store.commit_round(record, rnd.records, books["ledger"], self.governor.ledger.balances(), books["meta"])
+        self.store.commit_round(record, rnd.records, books["ledger"], self.governor.ledger.balances(), books["meta"],
+                                books["proposals"])
         self.governor.committed()
         # only after the commit does the new model become current
         self.previous_hash, self.model_hash = self.model_hash, ckpt.model_hash
@@ -539,8 +816,24 @@ class Coordinator:
         for node_id, decision in list(self.policy.quarantined.items()):
             session = self.sessions.get(node_id)
             if session is not None:
-                await self._send(session, Error("quarantined", "; ".join(decision.reasons), fatal=True))
-                self.detach(session)
+                await self.remove(session, Error("quarantined", "; ".join(decision.reasons), fatal=True))
+
+    async def _abandon_round(self, rnd: OpenRound, error: BaseException) -> None:
+        """A round whose close failed is not committed: the books go back to the last commit, the nodes are told,
+        and the next round opens on the same model. The coordinator carries on."""
+        self.intake_errors += 1
+        if self.round > rnd.round:  # it failed after its commit: the round counts, and the books are right
+            log.error("after committing round %d", self.round, exc_info=error)
+            return
+        log.error("round %d could not be closed and is abandoned; the next round opens on the same model",
+                  rnd.round + 1, exc_info=error)
+        self.governor = Governor(self.store, self.key, self.job.governed(), None)  # the committed books, reloaded
+        self._open = None
+        for a in rnd.accepted:
+            session = self.sessions.get(a.record.node_id)
+            if session is not None:
+                await self._send(session, Error("round_abandoned", f"round {rnd.round + 1} could not be committed; "
+                                                "its updates do not count"))
 
     def _adapt(self, rnd: OpenRound) -> None:
         """The coordinator's autonomy loop: move the deadline with node speeds, quarantine by the rules."""
@@ -554,12 +847,17 @@ class Coordinator:
             self.deadline_seconds = float(self.policy.deadline_seconds)
 
     def _apply_and_checkpoint(self, rnd: OpenRound, grad: np.ndarray):
-        """Outer step, validation, per-update quality and the checkpoint (in a worker thread)."""
-        g = torch.from_numpy(np.ascontiguousarray(grad, np.float32))
+        """Outer step, validation, per-update quality and the checkpoint (in a worker thread). With no aggregate
+        (every update was judged a copy or a fake) the model and its momentum stay as they are."""
         p = self.governor.params
         qualities = self._qualities(rnd)
-        params, momentum = outer_nesterov_step(self.params, g, self.momentum, float(p["outer_lr"]),
-                                               float(p["outer_momentum"]))
+        if grad is None:
+            params = self.params.clone()
+            momentum = torch.zeros_like(params) if self.momentum is None else self.momentum.clone()
+        else:
+            g = torch.from_numpy(np.ascontiguousarray(grad, np.float32))
+            params, momentum = outer_nesterov_step(self.params, g, self.momentum, float(p["outer_lr"]),
+                                                   float(p["outer_momentum"]))
         load_flat_parameters(self._model, params)
         val_loss = evaluate(self._model, self._val_batches)
         ckpt = Checkpoint(rnd.round + 1, params.numpy(), momentum.numpy())
@@ -573,8 +871,8 @@ class Coordinator:
         load_flat_parameters(self._model, self.params)
         base = evaluate(self._model, self._quality_batch)
         drops = []
-        for values, _, _ in rnd.accepted:
-            load_flat_parameters(self._model, self.params - lr * torch.from_numpy(values))
+        for a in rnd.accepted:
+            load_flat_parameters(self._model, self.params - lr * torch.from_numpy(a.values))
             drops.append(base - evaluate(self._model, self._quality_batch))
         best = max(drops, default=0.0)
         return [quality_to_ppm(d / best) if best > 0 else 0 for d in drops]
@@ -628,6 +926,8 @@ class Coordinator:
             "state": "finished" if self.finished else "training",
             "open_round": open_round,
             "coordinator_id": self.key.node_id,
+            "intake": {"pending_payloads": len(self._pending_payloads), "deferred": len(self._deferred),
+                       "errors": self.intake_errors},
             "job": self.describe(),
             "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
                          "tokens": r.tokens, "bytes": r.bytes_received, "model_hash": r.model_hash,

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from server.keys import NodeKey, SignatureError, verify
 from server.store import Store
-from shared.governance import Change, Decision, Governance, GovernanceError, Proposal, Vote
-from shared.rewards import (InsufficientFunds, Ledger, LedgerEntry, Reputation, RewardTerms, receipt_bytes,
+from shared.governance import (Change, Decision, Governance, GovernanceError, NotEligibleError, Proposal,
+                               ProposalState, Vote)
+from shared.rewards import (InsufficientFunds, Ledger, LedgerError, LedgerEntry, Reputation, RewardTerms, receipt_bytes,
                             settle_update)
 
 JOIN_WINDOW_S = 60.0
@@ -40,6 +41,8 @@ class UpdateOutcome:
     tokens: int
     quality_ppm: int
     aggregated: bool
+    verified: bool = False  # re-executed by a spot check and found honest
+    memo: dict | None = None  # evidence booked with the entry (a spot check's numbers, say)
 
 
 class Governor:
@@ -49,6 +52,10 @@ class Governor:
         self.store = store
         self.key = key
         stored = store.get_meta("governance")
+        if stored is not None and "proposals" in stored:
+            # written before proposals and votes had their own tables: move them there, once
+            legacy = stored.pop("proposals")
+            store.import_proposals(legacy, "governance", stored)
         if stored is None:
             if rules_toml is None:
                 self.governance = Governance.default(verify_signature=_verify_signature)
@@ -61,10 +68,14 @@ class Governor:
             self.governance.params = self.governance.round_config(**initial_params)
         else:
             self.governance = Governance.from_dict(stored, verify_signature=_verify_signature)
+        self.governance.restore_proposals(ProposalState.from_dict(s) for s in store.proposals())
+        self._decided: list[dict] = []  # proposals a boundary decided, written with the round's commit
         self.ledger = Ledger.from_entries(store.ledger_entries())
         self.reputation = Reputation.from_dict(store.get_meta("reputation") or {})
         self._committed_entries = len(self.ledger.entries)
-        self._joins: deque[float] = deque()
+        self._joins: dict[str, deque[float]] = {}  # address -> when new keys from it joined, last minute
+        self.failures: list[tuple[str, str]] = []  # the last settle's refused entries: (node id, why)
+        self._leaving: set[str] = set()  # nodes that left cleanly: their stake returns when the round closes
 
     @property
     def params(self) -> dict:
@@ -76,20 +87,25 @@ class Governor:
 
     # -- admission -----------------------------------------------------------------------------------------
 
-    def admit(self, node_id: str, round_: int) -> Decision:
-        """Check the admission rules; if allowed, grant a new node its start credit and post its stake."""
+    def admit(self, node_id: str, round_: int, address: str = "", returning: bool = False) -> Decision:
+        """Check the admission rules. Joins are counted per address, and a known key coming back is no join, so
+        one peer's reconnects or key flood cannot lock out the others. Nothing is paid for joining: the start
+        grant waits for the node's first verified update (settle), and its stake comes from there."""
         now = time.time()
-        while self._joins and now - self._joins[0] > JOIN_WINDOW_S:
-            self._joins.popleft()
+        joins = self._joins.setdefault(address, deque())
+        while joins and now - joins[0] > JOIN_WINDOW_S:
+            joins.popleft()
+        for other in [a for a, q in self._joins.items() if not q and a != address]:
+            del self._joins[other]  # addresses quiet for a minute are forgotten
         decision = self.governance.validate(
-            "admission", {"node_id": node_id, "joins_last_minute": len(self._joins), "reputation": self.reputation[node_id]},
+            "admission", {"node_id": node_id, "joins_last_minute": 0 if returning else len(joins),
+                          "reputation": self.reputation[node_id]},
             round=round_, subject=node_id)
         if not decision.allowed:
             return decision
-        self._joins.append(now)
-        terms = self.terms
-        self.ledger.grant(node_id, round=round_, terms=terms)
-        self.ledger.post_stake(node_id, round=round_, terms=terms)  # InsufficientFunds propagates: refuse
+        self._leaving.discard(node_id)  # back before its round closed: the stake it holds stays posted
+        if not returning:
+            joins.append(now)
         return decision
 
     # -- updates -------------------------------------------------------------------------------------------
@@ -99,33 +115,95 @@ class Governor:
                                         detail={k: v for k, v in params.items() if isinstance(v, (int, float, str))})
 
     def settle(self, round_: int, outcomes: list[UpdateOutcome]) -> list[LedgerEntry]:
-        """Book every decided update of a round: rewards, slashes and reputation."""
+        """Book every decided update of a round: rewards, slashes and reputation; then return the stake of the
+        nodes that left cleanly, after their own updates were judged, so that leaving cannot dodge a slash."""
         entries: list[LedgerEntry] = []
+        self.failures = []
         terms = self.terms
         for o in outcomes:
-            entries += settle_update(self.ledger, self.reputation, o.node_id, o.decision, round=round_, terms=terms,
-                                     tokens=o.tokens, quality=o.quality_ppm, aggregated=o.aggregated)
+            try:
+                booked = settle_update(self.ledger, self.reputation, o.node_id, o.decision, round=round_,
+                                       terms=terms, tokens=o.tokens, quality=o.quality_ppm, aggregated=o.aggregated,
+                                       memo=o.memo)
+                if booked and booked[-1].kind == "reward":
+                    booked += self._stake_from_earnings(o, round_, terms)
+            except (LedgerError, GovernanceError) as e:
+                # an entry the ledger refuses is left out, and the round commits without it: no input from a
+                # node may stop the books (settle_update and the ledger change nothing when they refuse)
+                self.failures.append((o.node_id, str(e)))
+                continue
+            entries += booked
+        for node_id in sorted(self._leaving):
+            entry = self.ledger.release_stake(node_id, round=round_)
+            if entry is not None:
+                entries.append(entry)
+        self._leaving.clear()
         return entries
+
+    def _stake_from_earnings(self, o: UpdateOutcome, round_: int, terms: RewardTerms) -> list[LedgerEntry]:
+        """After a reward: the one-time start grant once the node's work was verified, then its stake topped up
+        from what it holds. A key with no verified work holds nothing, so new keys mint nothing."""
+        booked = []
+        if o.verified:
+            grant = self.ledger.grant(o.node_id, round=round_, terms=terms)
+            booked += [grant] if grant is not None else []
+        owed = terms.stake_micro - self.ledger.stake_of(o.node_id)
+        if 0 < owed <= self.ledger.balance(o.node_id):
+            stake = self.ledger.post_stake(o.node_id, round=round_, terms=terms)
+            booked += [stake] if stake is not None else []
+        return booked
+
+    def leave(self, node_id: str) -> None:
+        """A node said goodbye: its whole stake returns to it when the open round closes (in settle), booked
+        and committed with that round. A dropped connection is no goodbye: that stake stays, to be slashed."""
+        self._leaving.add(node_id)
 
     def sign_receipt(self, entry: LedgerEntry) -> str:
         return self.key.sign(receipt_bytes(entry))
 
     # -- proposals and votes ---------------------------------------------------------------------------------
 
-    def propose(self, proposal: Proposal) -> dict:
-        state = self.governance.propose(proposal)
-        self.store.set_meta("governance", self.governance.to_dict())  # a proposal is durable once accepted
+    def propose(self, proposal: Proposal, current_round: int) -> dict:
+        """Open a signed proposal from an admitted node whose reputation is at or above the admission floor,
+        stamped with `current_round` (±1). Durable once accepted: one row in the store. Returns its state."""
+        node = proposal.proposer
+        if not self.store.is_known_node(node):
+            raise NotEligibleError(f"only admitted nodes may propose; {node[:16]}… never joined this job")
+        if self.reputation[node] <= 0 or not self._at_or_above_floor(self.reputation[node]):
+            # joining is free, so a key without accepted work could fill the open-proposal slots: it may not
+            raise NotEligibleError(f"only nodes with accepted work may propose; {node[:16]}… has reputation "
+                                   f"{self.reputation[node]}")
+        state = self.governance.propose(proposal, current_round=current_round,
+                                        persist=lambda s: self.store.add_proposal(s.to_dict()))
         return state.to_dict()
 
-    def vote(self, vote: Vote) -> None:
-        self.governance.vote(vote)
-        self.store.set_meta("governance", self.governance.to_dict())
+    def vote(self, vote: Vote, current_round: int) -> None:
+        """Record a signed vote from an admitted node with positive reputation (its weight), stamped with
+        `current_round` (±1). Durable once recorded: one row in the store."""
+        node = vote.voter
+        if not self.store.is_known_node(node):
+            raise NotEligibleError(f"only admitted nodes may vote; {node[:16]}… never joined this job")
+        if self.reputation[node] <= 0:
+            raise NotEligibleError(f"only nodes with accepted work may vote: {node[:16]}… has reputation "
+                                   f"{self.reputation[node]}, so its vote would weigh nothing")
+        self.governance.vote(vote, current_round=current_round, persist=lambda v: self.store.add_vote(v.to_dict()))
+
+    def _at_or_above_floor(self, reputation: int) -> bool:
+        """The admission rules' reputation floor (0 when no rule sets one)."""
+        floor = self.governance.rules.bounds("admission", "reputation")
+        if floor.low is None:
+            return reputation >= 0
+        return reputation >= floor.low if floor.low_inclusive else reputation > floor.low
 
     def boundary(self, round_: int) -> list[Change]:
         """At the boundary that opens `round_`: apply the proposals that passed. Committed with the round."""
         if round_ <= self.governance.boundary:
             return []
-        return self.governance.apply_passed(round_, self.reputation.weights())
+        open_before = self.governance.open_proposals()
+        changes = self.governance.apply_passed(round_, self.reputation.weights())
+        self._decided += [{"id": s.proposal.id, "status": s.status, "decided_round": s.decided_round,
+                           "outcome": s.outcome} for s in open_before if s.status != "open"]  # fmt: skip
+        return changes
 
     # -- persistence -------------------------------------------------------------------------------------------
 
@@ -133,12 +211,16 @@ class Governor:
         return self.ledger.entries[self._committed_entries :]
 
     def snapshot(self) -> dict:
-        """What the store writes with the round: new ledger entries and the governance/reputation state."""
+        """What the store writes with the round: new ledger entries, the governance/reputation state (proposals
+        and votes have their own rows) and the status of the proposals the boundary decided."""
         return {"ledger": [e.to_dict() for e in self.uncommitted_entries()],
-                "meta": {"governance": self.governance.to_dict(), "reputation": self.reputation.to_dict()}}
+                "meta": {"governance": self.governance.to_dict(with_proposals=False),
+                         "reputation": self.reputation.to_dict()},
+                "proposals": list(self._decided)}
 
     def committed(self) -> None:
         self._committed_entries = len(self.ledger.entries)
+        self._decided = []
 
     def describe(self) -> dict:
         g = self.governance

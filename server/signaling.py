@@ -1,7 +1,8 @@
 """The signaling WebSocket: signed hello, admission, SDP relay between any two peers, and the fallback path.
 
 The coordinator is a peer too: an offer addressed to it is answered by an aiortc peer connection whose data
-channel becomes the node's link. Never act on a message from a socket that has not proven its key.
+channel becomes the node's link. Never act on a message from a socket that has not proven its key, and never
+let a peer's bad input cost more than one rate-limited log line: it gets a typed Error and a 1008 close.
 """
 
 from __future__ import annotations
@@ -16,13 +17,28 @@ from server import rtc
 from server.coordinator import Coordinator, NodeSession, new_nonce
 from server.keys import SignatureError, verify
 from server.link import DataChannelLink, FrameReceiver, WebSocketLink
+from server.log_limits import LogLimiter
 from shared.identity import signing_bytes
-from shared.wire import (Challenge, Error, Hello, IceCandidate, Message, PathSelect, Sdp, Welcome, WireError,
-                         decode_message)
+from shared.wire import (Challenge, Error, Hello, IceCandidate, MalformedFrame, Message, PathSelect, Sdp, Welcome,
+                         WireError, decode_message)
 
 log = logging.getLogger("swarmgrad.signaling")
 
 HELLO_TIMEOUT_S = 15.0
+MAX_ERROR_TEXT = 300  # an Error's message: enough to say what was wrong, never a peer's 64 KB value echoed back
+CLOSE_POLICY = 1008  # the WebSocket close code for input that breaks the protocol
+CLOSE_INTERNAL = 1011  # ... and for a failure of our own while serving the peer
+
+
+def fatal_error(code: str, message: str) -> Error:
+    """The Error a peer gets before its connection closes, its text cut to MAX_ERROR_TEXT."""
+    if len(message) > MAX_ERROR_TEXT:
+        message = message[: MAX_ERROR_TEXT - 1] + "…"
+    return Error(code, message, fatal=True)
+
+
+def peer_address(ws: WebSocket) -> str:
+    return f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
 
 
 class SignalingServer:
@@ -31,6 +47,7 @@ class SignalingServer:
         self.sockets: dict[str, WebSocket] = {}  # node id -> its signaling socket, for relaying
         self.peer_connections: set = set()
         self.pc_by_node: dict = {}  # node id -> its aiortc peer connection with us
+        self.peer_log = LogLimiter(log)  # every line a peer can cause goes through here
 
     @property
     def max_payload(self) -> int:
@@ -48,34 +65,70 @@ class SignalingServer:
                 await self._serve(ws, session)
         except WebSocketDisconnect:
             pass
+        except Exception:  # a bug of ours, not the peer's input (that is a WireError, answered where it is read)
+            who = f"node {session.node_id[:12]}" if session is not None else peer_address(ws)
+            self.peer_log.exception("error while serving the signaling socket of %s", who)
+            await self._close(ws, fatal_error("internal", "the coordinator failed while serving this connection"),
+                              CLOSE_INTERNAL)
         finally:
             if session is not None:
-                self.coordinator.detach(session)
-                if self.sockets.get(session.node_id) is ws:  # not replaced by a newer connection
-                    del self.sockets[session.node_id]
+                current = self.sockets.get(session.node_id) is ws  # not replaced by a newer connection
+                self._forget(ws, session)
+                if current:
                     pc = self.pc_by_node.pop(session.node_id, None)
                     if pc is not None:
                         await pc.close()
                 log.info("node %s left", session.node_id[:12])
 
-    async def _fail(self, ws: WebSocket, code: str, message: str) -> None:
-        log.warning("closing a signaling socket: [%s] %s", code, message)
+    async def _disconnect(self, ws: WebSocket, session: NodeSession) -> None:
+        """Close every link of a node the coordinator removed: its data channel and its signaling socket."""
+        pc = self.pc_by_node.pop(session.node_id, None) if self.sockets.get(session.node_id) is ws else None
+        if pc is not None:
+            await pc.close()
         if ws.application_state == WebSocketState.CONNECTED:
             try:
-                await ws.send_text(Error(code, message, fatal=True).encode())
-                await ws.close(code=1008)
-            except Exception:  # the peer may already be gone; nothing left to tell it
+                await ws.close(code=CLOSE_POLICY)
+            except (WebSocketDisconnect, OSError, RuntimeError):  # already gone
+                pass
+
+    def _forget(self, ws: WebSocket, session: NodeSession) -> None:
+        """Undo the handshake's registration, unless a newer connection of the same node replaced it."""
+        self.coordinator.detach(session)
+        if self.sockets.get(session.node_id) is ws:
+            del self.sockets[session.node_id]
+
+    async def _fail(self, ws: WebSocket, code: str, message: str) -> None:
+        """Refuse the peer: one (rate-limited) warning, then a fatal Error and a 1008 close."""
+        self.peer_log.warning("closing the signaling socket of %s: [%s] %s", peer_address(ws), code,
+                              message[:MAX_ERROR_TEXT])
+        await self._close(ws, fatal_error(code, message), CLOSE_POLICY)
+
+    async def _close(self, ws: WebSocket, error: Error, close_code: int) -> None:
+        if ws.application_state == WebSocketState.CONNECTED:
+            try:
+                await ws.send_text(error.encode())
+                await ws.close(code=close_code)
+            except (WebSocketDisconnect, OSError, RuntimeError):  # the peer is already gone: nothing to tell it
                 pass
 
     async def _handshake(self, ws: WebSocket) -> NodeSession | None:
+        """Challenge, signed hello, admission, then the node's registration and its Welcome; None once the peer
+        is refused (with a fatal Error and a 1008 close) or gone. Every check that can refuse the node comes
+        before the registration, so a refused hello leaves nothing behind."""
         nonce = new_nonce()
         await ws.send_text(Challenge(nonce, self.coordinator.key.node_id).encode())
         try:
-            text = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S)
-            hello = decode_message(text)
+            frame = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT_S)
         except asyncio.TimeoutError:
             await self._fail(ws, "timeout", f"no hello within {HELLO_TIMEOUT_S:.0f}s")
             return None
+        if frame["type"] == "websocket.disconnect":
+            return None
+        try:
+            if frame.get("text") is None:
+                raise MalformedFrame(f"expected a hello in a text frame, got a binary frame of "
+                                     f"{len(frame.get('bytes') or b'')} bytes")
+            hello = decode_message(frame["text"])
         except WireError as e:
             await self._fail(ws, e.code, str(e))
             return None
@@ -90,19 +143,25 @@ class SignalingServer:
         except SignatureError as e:
             await self._fail(ws, "auth", str(e))
             return None
-        refusal = self.coordinator.admit(hello.node_id, hello.kind)
+        refusal = self.coordinator.admit(hello.node_id, hello.kind, ws.client.host if ws.client else "")
         if refusal is not None:
-            await self._fail(ws, "admission", refusal)
+            await self._fail(ws, refusal.code, refusal.reason)
             return None
+        welcome = Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.describe(),
+                          self.coordinator.round).encode()
         old = self.sockets.get(hello.node_id)
         if old is not None:
             await self._fail(old, "replaced", "this node connected again from elsewhere")
-        self.sockets[hello.node_id] = ws
         session = NodeSession(hello.node_id, hello.kind, hello.agent)
-        self.coordinator.attach(session)
-        await ws.send_text(Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.describe(),
-                                   self.coordinator.round).encode())
-        log.info("node %s joined (%s, %s)", hello.node_id[:12], hello.kind, hello.agent or "-")
+        session.disconnect = lambda: self._disconnect(ws, session)
+        try:
+            self.sockets[hello.node_id] = ws
+            self.coordinator.attach(session)
+            await ws.send_text(welcome)
+        except BaseException:  # the peer left, or the store failed: nothing of this session may stay
+            self._forget(ws, session)
+            raise
+        log.info("node %s joined (%s, %r)", hello.node_id[:12], hello.kind, hello.agent or "-")
         return session
 
     async def _serve(self, ws: WebSocket, session: NodeSession) -> None:
@@ -144,10 +203,13 @@ class SignalingServer:
                 await self._answer(ws, session, msg)
             return  # candidates ride inside our SDP; trickled ones are not needed by aiortc
         target = self.sockets.get(msg.dst)
-        if target is None:
-            await ws.send_text(Error("no_peer", f"peer {msg.dst[:12]}… is not connected").encode())
-            return
-        await target.send_text(relayed.encode())
+        if target is not None:
+            try:
+                await target.send_text(relayed.encode())
+                return
+            except WebSocketDisconnect:  # the target is leaving; that is no fault of the sender's
+                pass
+        await ws.send_text(Error("no_peer", f"peer {msg.dst[:12]}… is not connected").encode())
 
     async def _answer(self, ws: WebSocket, session: NodeSession, offer: Sdp) -> None:
         pc = rtc.new_peer_connection()
@@ -178,20 +240,22 @@ class SignalingServer:
                 log.info("node %s data channel open", session.node_id[:12])
                 await coordinator.node_ready(session)
 
-            async def on_frame(frame) -> None:
+            async def on_frame(frame) -> bool:
+                """Handle one frame; False when it broke the protocol and the channel is closed."""
                 try:
                     item = receiver.feed(frame)
                 except WireError as e:
-                    log.warning("bad frame from %s: [%s] %s; closing its channel", session.node_id[:12], e.code, e)
-                    try:
-                        channel.send(Error(e.code, str(e), fatal=True).encode())
-                    finally:
-                        channel.close()
-                    return
+                    self.peer_log.warning("closing the data channel of node %s: [%s] %s", session.node_id[:12],
+                                          e.code, str(e)[:MAX_ERROR_TEXT])
+                    if channel.readyState == "open":
+                        channel.send(fatal_error(e.code, str(e)).encode())
+                    channel.close()
+                    return False
                 if isinstance(item, tuple):
                     await coordinator.on_payload(session, *item)
                 elif isinstance(item, Message):
                     await coordinator.on_message(session, item)
+                return True
 
             # aiortc calls handlers synchronously; one consumer task per channel keeps frames in order
             frames: asyncio.Queue = asyncio.Queue()
@@ -203,9 +267,10 @@ class SignalingServer:
                     if frame is None:
                         return
                     try:
-                        await on_frame(frame)
-                    except Exception:
-                        log.exception("error while handling a frame from %s", session.node_id[:12])
+                        if not await on_frame(frame):
+                            return
+                    except Exception:  # a bug of ours; the peer's bad input is a WireError, handled in on_frame
+                        self.peer_log.exception("error while handling a frame from node %s", session.node_id[:12])
 
             consumers.append(asyncio.ensure_future(consume()))
 

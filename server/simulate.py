@@ -28,15 +28,16 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server import aggregation
-from server.cli import CODEC_HELP, codec_option, int_at_least
+from server.cli import CODEC_HELP, codec_option, int_at_least, share_option
 from server.codecs import TorchErrorFeedback
 from server.coordinator import Coordinator, JobConfig, NodeSession
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
 from server.keys import NodeKey, SignatureError, verify
 from server.link import FrameReceiver, Link, LinkClosed
 from server.model import GPT, flat_parameters, load_flat_parameters
-from server.training import byte_tensor, sample_batch
+from server.training import byte_tensor, inner_steps
 from shared import compress
+from shared.batches import batch_seed, batch_starts, tokens_allowed
 from shared.governance import GovernanceError
 from shared.identity import signing_bytes
 from shared.model import MODEL_SIZES
@@ -90,6 +91,9 @@ class SimOptions:
     corpus_bytes: int = DEFAULT_MAX_BYTES
     rules: Path | None = None  # a rulebook TOML (default: shared/default_rules.toml with the join cap lifted)
     threads: int = 1
+    # spot checks re-execute updates on the coordinator; off by default here, so that what a run measures is the
+    # aggregation rule against its attackers (spot checks would remove most of them before it sees them)
+    verify_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -132,6 +136,11 @@ class SimOptions:
 # -- attacks -------------------------------------------------------------------------------------------------
 
 
+# each ALIE attacker's own perturbation, relative to the forged vector's norm: two attackers then agree to a
+# cosine of about 1 / (1 + 0.2^2) = 0.96, under the copy threshold of 0.99
+ALIE_PERTURBATION = 0.2
+
+
 def alie_z(n: int, f: int) -> float:
     """Baruch et al. 2019 ("A little is enough"), the largest z that keeps the attackers inside the honest
     spread: s = floor(n/2 + 1) - f supporters are needed, z = Phi^-1((n - s) / n)."""
@@ -145,12 +154,17 @@ def corrupt(attack: str, honest: list[torch.Tensor], byzantine: list[int], gen: 
 
     signflip: -g (the honest norm). noise: a Gaussian direction at the honest norm. scale: g x scale_factor.
     alie: every attacker sends mean - z * std of the round's honest updates, coordinate-wise (the colluders
-    are omniscient: Baruch et al.'s strongest setting).
+    are omniscient: Baruch et al.'s strongest setting), each with its own small Gaussian perturbation: identical
+    vectors would be refused as copies of one another (server/copies.py) before any aggregation rule saw them.
     """
     if attack == "alie":
         stacked = torch.stack(honest).double()
         forged = (stacked.mean(0) - alie_z(len(honest), len(byzantine)) * stacked.std(0, unbiased=False)).float()
-        return {i: forged for i in byzantine}
+        out = {}
+        for i in byzantine:
+            noise = torch.randn(forged.shape, generator=gen)
+            out[i] = forged + noise * (ALIE_PERTURBATION * forged.norm() / noise.norm().clamp_min(1e-30))
+        return out
     out = {}
     for i in byzantine:
         g = honest[i]
@@ -219,7 +233,6 @@ class SimWorker:
     closed: RoundClosed | None = None
     results: dict[int, UpdateResult] = field(default_factory=dict)
     model_hash: str | None = None  # the global model it holds (its parameters live in Simulation.models)
-    optimizer_state: dict | None = None  # AdamW state kept across rounds, as the trainer keeps it
     error_feedback: TorchErrorFeedback | None = None
     receipts: int = 0
     removed: str = ""  # why the coordinator sent this worker away (quarantine, job finished)
@@ -247,7 +260,7 @@ class Simulation:
                         batch_size=options.batch_size, round_deadline=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
-                        codec=options.codec, seed=options.seed)
+                        codec=options.codec, seed=options.seed, verify_share=options.verify_share)
         self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules)
         self.model = GPT(self.coordinator.cfg)
         self.rng = random.Random(options.seed)
@@ -276,7 +289,7 @@ class Simulation:
         """What the signaling layer does for a node whose hello verified: admit, attach, link, ready."""
         refusal = self.coordinator.admit(worker.node_id, "trainer")
         if refusal is not None:
-            self.refused.append(refusal)
+            self.refused.append(str(refusal))
             return False
         session = NodeSession(worker.node_id, "trainer", "simulated")
         worker.session = session
@@ -376,30 +389,13 @@ class Simulation:
         steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
         global_params = torch.from_numpy(self.models[worker.model_hash].copy())
         load_flat_parameters(self.model, global_params)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=float(cfg["lr"]),
-                                      weight_decay=float(cfg.get("weight_decay", 0.0)))
-        if worker.optimizer_state is not None:
-            optimizer.load_state_dict(worker.optimizer_state)
-            for group in optimizer.param_groups:
-                group["lr"], group["weight_decay"] = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
         shard = byte_tensor(self.corpus.shard(assignment.shard))
-        seed = int.from_bytes(hashlib.sha256(f"{worker.node_id}:{assignment.round}".encode()).digest()[:8], "little")
-        gen = torch.Generator().manual_seed(seed)
-        self.model.train()
-        loss_first = loss_last = float("nan")
+        schedule = batch_starts(shard.numel(), steps, batch, seq, batch_seed(worker.node_id, assignment.round))
         started = time.perf_counter()
-        for step in range(steps):
-            x, y = sample_batch(shard, batch, seq, gen)
-            _, loss = self.model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_last = loss.item()
-            if step == 0:
-                loss_first = loss_last
+        losses = inner_steps(self.model, shard, schedule, seq, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)))
         seconds = time.perf_counter() - started
-        worker.optimizer_state = optimizer.state_dict()
-        return global_params - flat_parameters(self.model), loss_first, loss_last, steps * batch * seq, seconds
+        return (global_params - flat_parameters(self.model), losses[0], losses[-1], tokens_allowed(steps, batch, seq),
+                seconds)
 
     async def _upload(self, worker: SimWorker, assignment: RoundOpen, values: torch.Tensor, trained: tuple) -> None:
         """Encode, sign and send one update, as Trainer._train_round does; the verdict comes back at once."""
@@ -688,6 +684,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", type=Path, default=None,
                    help="a rulebook TOML for the job (default: shared/default_rules.toml with the joins-per-minute "
                         "cap lifted, since simulated minutes hold many rounds)")
+    p.add_argument("--verify-share", type=share_option, default=d.verify_share, metavar="SHARE",
+                   help="the share of updates the coordinator re-executes (spot checks), as with the coordinator's "
+                        "option; 0 here by default, so that the aggregation rule meets the attackers "
+                        "(default: %(default)s)")
     p.add_argument("--threads", type=int_at_least(1), default=d.threads,
                    help="torch CPU threads; workers run one after another (default: %(default)s)")
     p.add_argument("--json", action="store_true",
@@ -709,7 +709,8 @@ def main(argv: list[str]) -> int:
                              inner_steps=args.inner_steps, batch_size=args.batch_size, lr=args.lr,
                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
                              seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,
-                             data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads)
+                             data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads,
+                             verify_share=args.verify_share)
     except SimulationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,14 @@
 """The PyTorch trainer node: joins a coordinator, trains its assigned shard for H inner AdamW steps per round,
 and uploads a signed pseudo-gradient over a WebRTC data channel (or the WebSocket fallback).
 
-It reconnects when the coordinator goes away and keeps its inner optimizer state across rounds. Never send an
-update computed on a model whose hash and coordinator signature were not checked.
+It reconnects when the coordinator goes away, and starts each round's inner optimizer afresh so that the coordinator
+can re-execute any update. Never send an update computed on a model whose hash and coordinator signature were not
+checked.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sys
 import time
@@ -21,14 +21,16 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import torch
 import websockets
+import websockets.exceptions  # named in run()'s except clause before any connection has loaded it
 
 from server import rtc
 from server.keys import NodeKey, SignatureError, verify
 from server.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSocketLink
 from server.codecs import TorchErrorFeedback
 from server.model import GPT, flat_parameters, load_flat_parameters
-from server.training import byte_tensor, sample_batch
+from server.training import byte_tensor, inner_steps
 from shared import compress
+from shared.batches import batch_seed, batch_starts, tokens_allowed
 from shared.agent import RoundPlanner
 from shared.identity import signing_bytes
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
@@ -39,6 +41,7 @@ from shared.wire import (MAX_MESSAGE_BYTES, Bye, Challenge, Error, Hello, ModelR
 log = logging.getLogger("swarmgrad.trainer")
 
 DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport "auto")
+RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
 RESULT_TIMEOUT_S = 120.0
 
@@ -107,7 +110,6 @@ class Trainer:
         self.ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, "/ws", "", ""))
         self.progress = Progress(options.progress)
         self.model: GPT | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.global_params: np.ndarray | None = None
         self.global_hash: str | None = None
         self.shards: dict[int, torch.Tensor] = {}
@@ -123,8 +125,9 @@ class Trainer:
 
     async def run(self) -> int:
         """Train until the job ends or --max-rounds is reached; reconnect on lost connections. Exit code."""
-        delay = 0.5
+        delay = RECONNECT_MIN_S
         while True:
+            self.welcomed = False
             try:
                 await self._session()
                 return 0
@@ -135,6 +138,8 @@ class Trainer:
                 log.error("%s", e)
                 return 2
             except (Disconnected, OSError, websockets.exceptions.WebSocketException, LinkClosed) as e:
+                if self.welcomed:  # that connection was good: an outage starts the backoff afresh
+                    delay = RECONNECT_MIN_S
                 log.warning("connection to the coordinator lost (%s); reconnecting in %.1fs", e or type(e).__name__,
                             delay)
                 await asyncio.sleep(delay)
@@ -147,7 +152,6 @@ class Trainer:
         if num_parameters(cfg) != job["params"]:
             raise FatalError("the coordinator's parameter count does not match this version's model layout")
         self.model = GPT(cfg).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.0)
         log.info("model %s: %d parameters on %s", job["model"], job["params"], self.device)
 
     async def _session(self) -> None:
@@ -162,10 +166,16 @@ class Trainer:
             await ws.send(hello.encode())
             welcome = decode_message(await asyncio.wait_for(ws.recv(), 10))
             if isinstance(welcome, Error):
+                if welcome.code == "finished":
+                    raise JobFinished(welcome.message)
+                if welcome.code != "denied":  # a join-rate limit, say: it passes, so try again later
+                    raise Disconnected(f"the coordinator cannot take this node now: [{welcome.code}] "
+                                       f"{welcome.message}")
                 raise FatalError(f"the coordinator refused this node: [{welcome.code}] {welcome.message}")
             if not isinstance(welcome, Welcome):
                 raise FatalError(f"expected welcome, got {welcome.TYPE}")
             self._setup_model(welcome.job)
+            self.welcomed = True
             max_payload = 4 * welcome.job["params"] + 1024
             self.inbox: asyncio.Queue = asyncio.Queue()
             self.answer: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -246,7 +256,7 @@ class Trainer:
             raise JobFinished(item.reason or "the coordinator said goodbye")
         if isinstance(item, Error):
             if item.fatal:
-                if item.code in ("quarantined", "admission"):
+                if item.code in ("quarantined", "denied"):
                     raise FatalError(f"the coordinator removed this node: {item.message}")
                 raise Disconnected(f"[{item.code}] {item.message}")
             log.warning("coordinator: [%s] %s", item.code, item.message)
@@ -320,9 +330,6 @@ class Trainer:
         cfg["inner_steps"], cfg["batch_size"] = steps, batch
         shard = await self._shard(assignment.shard)
         load_flat_parameters(self.model, torch.from_numpy(self.global_params))
-        for group in self.optimizer.param_groups:
-            group["lr"] = float(cfg["lr"])
-            group["weight_decay"] = float(cfg.get("weight_decay", 0.0))
         started = time.time()
         loss_first, loss_last, tokens = await asyncio.to_thread(self._inner_steps, assignment, cfg, shard)
         seconds = time.time() - started
@@ -376,25 +383,19 @@ class Trainer:
             return json.load(r)
 
     def _inner_steps(self, assignment: RoundOpen, cfg: dict, shard: torch.Tensor) -> tuple[float, float, int]:
+        """H AdamW steps from a fresh optimizer on the shared batch schedule: what the spot check re-executes."""
         steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
-        seed = int.from_bytes(hashlib.sha256(f"{self.key.node_id}:{assignment.round}".encode()).digest()[:8], "little")
-        gen = torch.Generator().manual_seed(seed)
-        self.model.train()
-        loss_first = loss_last = float("nan")
+        schedule = batch_starts(shard.numel(), steps, batch, seq, batch_seed(self.key.node_id, assignment.round))
         started = time.time()
-        for step in range(steps):
-            x, y = sample_batch(shard, batch, seq, gen)
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_last = loss.item()
-            if step == 0:
-                loss_first = loss_last
+
+        def show(step: int, loss: float) -> None:
             rate = (step + 1) * batch * seq / max(time.time() - started, 1e-9)
             self.progress.show(f"round {assignment.round + 1} | step {step + 1}/{steps} | {rate:,.0f} tok/s | "
-                               f"loss {loss_last:.3f} | {self.accepted} accepted")
-        return loss_first, loss_last, steps * batch * seq
+                               f"loss {loss:.3f} | {self.accepted} accepted")
+
+        losses = inner_steps(self.model, shard, schedule, seq, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)),
+                             on_step=show)
+        return losses[0], losses[-1], tokens_allowed(steps, batch, seq)
 
     async def _shard(self, index: int) -> torch.Tensor:
         if index not in self.shards:

@@ -1,15 +1,19 @@
 """Torch training primitives shared by the trainer, the coordinator's evaluation and the benchmarks.
 
-Batches are random windows of a byte string (inputs and next-byte targets). Never read data beyond the bytes
-given: a node trains only on the shard it was assigned.
+Batches are windows of a byte string (inputs and next-byte targets). Never read data beyond the bytes given: a
+node trains only on the shard it was assigned. Never let an update depend on anything but what `inner_steps`
+takes: the spot check re-executes it from those alone.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from server.model import GPT
+from shared.batches import ADAMW_BETAS, ADAMW_EPS
 
 
 def byte_tensor(data: bytes) -> torch.Tensor:
@@ -24,6 +28,37 @@ def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.G
     idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
     windows = data[idx]
     return windows[:, :-1], windows[:, 1:]
+
+
+def batch_at(data: torch.Tensor, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of `seq_len` tokens at `starts` (one row each, a step of shared.batches.batch_starts) and their
+    next-token targets."""
+    idx = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(seq_len + 1)[None, :]
+    windows = data[idx]
+    return windows[:, :-1], windows[:, 1:]
+
+
+def inner_steps(model: GPT, data: torch.Tensor, schedule: list[list[int]], seq_len: int, lr: float,
+                weight_decay: float, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """One round's inner steps: an AdamW step per batch of `schedule` (shared.batches.batch_starts) on `data`,
+    from a fresh optimizer, so that the update depends on the round's start parameters only. Trains `model` in
+    place on its own device; returns each step's loss. `on_step(step, loss)` hears of each step as it ends.
+    """
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                                  weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for step, starts in enumerate(schedule):
+        x, y = batch_at(data, starts, seq_len)
+        _, loss = model(x.to(device), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
 
 
 def validation_batches(data: bytes, seq_len: int, batch_size: int = 16, num_batches: int = 8, seed: int = 1234):

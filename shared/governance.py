@@ -14,6 +14,7 @@ import hashlib
 import math
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -44,7 +45,10 @@ from shared.rules import (  # noqa: F401  (re-exported: governance is the entry 
 
 PROPOSAL_KINDS = ("add_rule", "remove_rule", "change_rule", "set_param")
 PROPOSAL_STATES = ("open", "applied", "rejected", "expired", "failed")
-MAX_OPEN_PROPOSALS = 128
+MAX_OPEN_PROPOSALS = 128  # open at once, all proposers together
+MAX_OPEN_PROPOSALS_PER_NODE = 4  # so that one proposer cannot use up the global limit for everyone else
+MAX_VOTES_PER_NODE_PER_ROUND = 64  # votes one node may stamp with any one round
+STAMP_TOLERANCE_ROUNDS = 1  # a proposal or vote is stamped with the current round, give or take this many
 
 GENESIS_HASH = "0" * 64
 DEFAULT_RULES_PATH = Path(__file__).with_name("default_rules.toml")
@@ -62,6 +66,10 @@ class VoteError(GovernanceError):
 
 class SignatureError(GovernanceError):
     """A proposal or vote signature did not verify against its signer's key."""
+
+
+class NotEligibleError(GovernanceError):
+    """The signer may not propose or vote: never admitted, or without the reputation it takes."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,6 +137,14 @@ def _check_round(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise GovernanceError(f"{what} must be a non-negative integer round, got {value!r}")
     return value
+
+
+def _check_stamp(stamp: int, current_round: int, what: str, error: type[GovernanceError]) -> None:
+    """A message stamped far from the current round is refused: one stamped ahead would never expire."""
+    _check_round(current_round, "current round")
+    if abs(stamp - current_round) > STAMP_TOLERANCE_ROUNDS:
+        raise error(f"{what} stamped round {stamp}, but the current round is {current_round}: stamp it with the "
+                    f"current round (±{STAMP_TOLERANCE_ROUNDS}) and sign it again")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,6 +493,7 @@ class Governance:
         self.quorum, self.threshold, self.voting_rounds = quorum, threshold, voting_rounds
         self.verify_signature = verify_signature
         self.proposals: dict[str, ProposalState] = {}
+        self._votes_stamped: Counter[tuple[str, int]] = Counter()  # (voter, stamped round) -> votes
         self.audit = AuditLog()
         self.boundary = 0  # the last round whose boundary apply_passed() has processed
 
@@ -560,26 +577,45 @@ class Governance:
             raise ProposalError(f"after this change the round config breaks {decision.blocked_by}")
         return new_rules, params, change
 
-    def propose(self, proposal: Proposal) -> ProposalState:
-        """Open a signed proposal. It must apply cleanly to the current rules and params now."""
+    def propose(self, proposal: Proposal, *, current_round: int,
+                persist: Callable[[ProposalState], None] | None = None) -> ProposalState:  # fmt: skip
+        """Open a signed proposal stamped with `current_round` (±STAMP_TOLERANCE_ROUNDS). It must apply cleanly
+        to the current rules and params now, and its proposer may have at most MAX_OPEN_PROPOSALS_PER_NODE open.
+
+        persist, when given, stores the accepted proposal before it joins the open set; if it raises, nothing
+        changed. Whether the proposer may propose at all (admitted, reputation) is the caller's decision.
+        """
         proposal.check()
+        _check_stamp(proposal.round, current_round, "proposal", ProposalError)
         if proposal.round < self.boundary:
             raise ProposalError(f"proposal is stamped round {proposal.round}, before boundary {self.boundary}")
         if proposal.id in self.proposals:
             raise ProposalError(f"proposal {proposal.id} already exists")
-        if sum(s.status == "open" for s in self.proposals.values()) >= MAX_OPEN_PROPOSALS:
+        open_states = [s for s in self.proposals.values() if s.status == "open"]
+        if len(open_states) >= MAX_OPEN_PROPOSALS:
             raise ProposalError(f"{MAX_OPEN_PROPOSALS} proposals are open; wait for some to close")
+        if sum(s.proposal.proposer == proposal.proposer for s in open_states) >= MAX_OPEN_PROPOSALS_PER_NODE:
+            raise ProposalError(f"{proposal.proposer!r} already has {MAX_OPEN_PROPOSALS_PER_NODE} open proposals; "
+                                f"wait for one to be decided")
         self._verify(proposal.proposer, proposal.signing_bytes(), proposal.signature, "proposal")
         # Keep a private copy: a caller mutating its payload later must not change what was signed.
         proposal = dataclasses.replace(proposal, payload=copy.deepcopy(proposal.payload))
         self._apply(proposal, self.rules, self.params, proposal.round + 1)
         state = ProposalState(proposal)
+        if persist is not None:
+            persist(state)
         self.proposals[proposal.id] = state
         return state
 
-    def vote(self, vote: Vote) -> None:
-        """Record a signed vote. One vote per node per proposal; it cannot be changed."""
+    def vote(self, vote: Vote, *, current_round: int, persist: Callable[[Vote], None] | None = None) -> None:
+        """Record a signed vote stamped with `current_round` (±STAMP_TOLERANCE_ROUNDS). One vote per node per
+        proposal, which cannot be changed, and at most MAX_VOTES_PER_NODE_PER_ROUND stamped with one round.
+
+        persist, when given, stores the vote before it counts; if it raises, nothing changed. Whether the voter
+        may vote at all (admitted, reputation) is the caller's decision.
+        """
         vote.check()
+        _check_stamp(vote.round, current_round, "vote", VoteError)
         state = self.proposals.get(vote.proposal_id)
         if state is None:
             raise VoteError(f"no proposal {vote.proposal_id}")
@@ -589,8 +625,19 @@ class Governance:
             raise VoteError(f"vote stamped round {vote.round} predates the proposal or the last boundary")
         if vote.voter in state.votes:
             raise VoteError(f"{vote.voter!r} already voted on {vote.proposal_id}")
+        if self._votes_stamped[(vote.voter, vote.round)] >= MAX_VOTES_PER_NODE_PER_ROUND:
+            raise VoteError(f"{vote.voter!r} already cast {MAX_VOTES_PER_NODE_PER_ROUND} votes in round "
+                            f"{vote.round}; vote again in a later round")
         self._verify(vote.voter, vote.signing_bytes(), vote.signature, "vote")
+        if persist is not None:
+            persist(vote)
         state.votes[vote.voter] = vote
+        self._votes_stamped[(vote.voter, vote.round)] += 1
+
+    def restore_proposals(self, states: Iterable[ProposalState]) -> None:
+        """Replace the proposals and their votes with stored ones (when a coordinator starts)."""
+        self.proposals = {s.proposal.id: s for s in states}
+        self._votes_stamped = Counter((v.voter, v.round) for s in self.proposals.values() for v in s.votes.values())
 
     def tally(self, proposal_id: str, reputation: Mapping[str, int], before_round: int | None = None) -> Tally:
         """The proposal's standing now, or counting only votes cast before `before_round`."""
@@ -619,6 +666,11 @@ class Governance:
         changes: list[Change] = []
         outcomes: list[tuple[ProposalState, str, str]] = []
         for state in self.open_proposals():
+            if state.proposal.round > round + self.voting_rounds:
+                # stamped far ahead (only data stored before stamps were checked): it would never expire
+                outcomes.append((state, "expired", f"stamped round {state.proposal.round}, more than "
+                                                   f"{self.voting_rounds} rounds ahead of boundary {round}"))
+                continue
             if state.proposal.round >= round:
                 continue
             t = self.tally(state.proposal.id, reputation, before_round=round)
@@ -645,17 +697,21 @@ class Governance:
 
     # ---- persistence ----
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, *, with_proposals: bool = True) -> dict:
+        """Everything, as JSON. with_proposals=False leaves out proposals and votes, for a store that keeps them
+        elsewhere (the coordinator keeps one row per proposal and per vote)."""
+        d = {
             "rules": self.rules.to_list(),
             "params": copy.deepcopy(self.params),
             "quorum": fraction_str(self.quorum),
             "threshold": fraction_str(self.threshold),
             "voting_rounds": self.voting_rounds,
             "boundary": self.boundary,
-            "proposals": [self.proposals[k].to_dict() for k in sorted(self.proposals)],
             "audit": self.audit.to_list(),
         }
+        if with_proposals:
+            d["proposals"] = [self.proposals[k].to_dict() for k in sorted(self.proposals)]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping, **kwargs) -> Governance:
@@ -663,7 +719,6 @@ class Governance:
                 threshold=parse_fraction(d["threshold"], "threshold"), voting_rounds=d["voting_rounds"],
                 **kwargs)  # fmt: skip
         g.boundary = _check_round(d.get("boundary", 0), "boundary")
-        states = [ProposalState.from_dict(s) for s in d.get("proposals", [])]
-        g.proposals = {s.proposal.id: s for s in states}
+        g.restore_proposals(ProposalState.from_dict(s) for s in d.get("proposals", []))
         g.audit = AuditLog.from_list(d.get("audit", []))
         return g

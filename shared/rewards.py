@@ -307,10 +307,10 @@ def check_receipt(entry: LedgerEntry | Mapping, node: str) -> LedgerEntry:
 class Ledger:
     """The job's ledger: append-only entries and the balances they imply.
 
-    A new node gets initial_grant_micro from 'mint' once (grant), so that it can post its stake without
-    buying anything: credits are earned by training, never bought, and the grant only makes the stake
-    possible. Its stake then moves to escrow 'stake:<node>' (stake), returns on leave (unstake), and part
-    of it moves to 'slashed' when an update breaks a rule marked slash (slash). Rewards are minted: the node
+    Joining costs and pays nothing. A node's first verified update earns it initial_grant_micro from 'mint'
+    once (grant); from then on its stake is posted to escrow 'stake:<node>' out of what it holds (stake),
+    returns when it leaves cleanly (unstake), and part of it moves to 'slashed' when an update breaks a rule
+    marked slash (slash). Credits are earned by training, never bought, and a new key mints nothing. Rewards are minted: the node
     gets gross - fee, 'fees' gets the fee.
     """
 
@@ -372,14 +372,18 @@ class Ledger:
         return entry
 
     def grant(self, node: str, *, round: int, terms: RewardTerms) -> LedgerEntry | None:
-        """The one-time initial grant to a new node; None if it was granted before (or the grant is 0)."""
+        """The one-time start grant; None if it was granted before (or the grant is 0). The coordinator pays it
+        after the node's first verified update, never for joining, so that a new key mints nothing."""
         check_node(node)
         if node in self._granted or terms.initial_grant_micro == 0:
             return None
         entry = self.append("grant", [(MINT, -terms.initial_grant_micro), (node, terms.initial_grant_micro)],
-                            round=round, node=node, memo={"reason": "initial grant to stake"})  # fmt: skip
+                            round=round, node=node, memo={"reason": "start grant for the first verified update"})
         self._granted.add(node)
         return entry
+
+    def has_grant(self, node: str) -> bool:
+        return node in self._granted
 
     def post_stake(self, node: str, *, round: int, terms: RewardTerms) -> LedgerEntry | None:
         """Top the node's escrow up to stake_micro (after a slash it owes the difference). None if full."""
@@ -528,3 +532,126 @@ def settle_update(ledger: Ledger, reputation: Reputation, node: str, decision: D
     check_node(node)
     reputation.record(node, "rejected")
     return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Auditing a job's books from its data alone: the signed round anchors and every reward recomputed from the
+# update it pays for. docs/LEDGER.md writes the same rules down for verifiers outside this project.
+
+
+def round_record_bytes(round: int, model_hash: str, ledger_head: str) -> bytes:
+    """The bytes the coordinator signs for a committed round: it vouches for the model and for the ledger up
+    to ledger_head (the hash of the last entry committed with the round; "" or the genesis hash for none)."""
+    return signing_bytes("round", {"round": round, "model_hash": model_hash, "ledger_head": ledger_head})
+
+
+def check_anchors(entries: Sequence[LedgerEntry | Mapping], heads: Sequence[tuple[int, str]]) -> ChainFault | None:
+    """Check the round records' ledger heads, in round order, against the log.
+
+    Each head is an entry's hash ("" or the genesis hash before the first entry), a later round's head never
+    lies before an earlier one's, and the last round's head is the last entry's hash: with the heads signed,
+    an entry dropped from the end, or one appended that no round committed, shows here.
+    """
+    hashes = [e.hash if isinstance(e, LedgerEntry) else e.get("hash") for e in entries]
+    position = {h: i for i, h in enumerate(hashes)}
+    last = -1
+    for round_, head in heads:
+        at = -1 if head in ("", GENESIS_HASH) else position.get(head)
+        if at is None:
+            return ChainFault(len(entries), f"round {round_}'s ledger head {head[:16]}... is not the hash of any "
+                                            "entry: entries were dropped or replaced")  # fmt: skip
+        if at < last:
+            return ChainFault(max(at, 0), f"round {round_}'s ledger head points back to entry {at}, before the "
+                                          f"previous round's entry {last}")  # fmt: skip
+        last = at
+    if last != len(entries) - 1:
+        return ChainFault(last + 1, f"the last round's ledger head is entry {last}, but the log has {len(entries)} "
+                                    "entries: no signed round commits the ones after it")  # fmt: skip
+    return None
+
+
+def params_in_force(params: Mapping[str, Any], audit: Sequence[Mapping], round: int) -> dict:
+    """The job parameters that booked the entries of `round`: `params` (the governance state after the last
+    committed round) with every set_param change that took effect at `round` or later undone, newest first.
+
+    A change of round r takes effect at the boundary that opens round r, after the round's updates were
+    booked (Governor.settle runs before Governor.boundary), so round r's rewards still use the old value.
+    audit holds the governance audit log's entries (shared.governance.AuditEntry.to_dict()). Raises
+    LedgerError when the log's changes do not lead to `params`.
+    """
+    current = dict(params)
+    for entry in reversed(audit):
+        if entry.get("kind") != "change" or entry.get("action") != "set_param" or entry.get("round", -1) < round:
+            continue
+        name, detail = entry.get("subject"), entry.get("detail") or {}
+        if name not in current or current[name] != detail.get("after"):
+            raise LedgerError(f"the audit log's change of {name!r} at round {entry.get('round')} does not lead to "
+                              f"the value in force ({current.get(name)!r}); the governance state was edited")
+        current[name] = detail.get("before")
+    return current
+
+
+def terms_by_round(params: Mapping[str, Any], audit: Sequence[Mapping],
+                   rounds: Iterable[int]) -> dict[int, RewardTerms]:  # fmt: skip
+    """The reward terms that booked each of `rounds`, reconstructed as params_in_force() describes."""
+    return {r: RewardTerms.from_params(params_in_force(params, audit, r)) for r in rounds}
+
+
+def _reward_postings(node: str, gross: int, fee: int) -> dict[str, int]:
+    legs = {MINT: -gross, node: gross - fee, FEES: fee}
+    return {account: amount for account, amount in legs.items() if amount}
+
+
+def check_rewards(entries: Sequence[LedgerEntry | Mapping], updates: Iterable[Mapping],
+                  terms: Mapping[int, RewardTerms]) -> ChainFault | None:  # fmt: skip
+    """Recompute every reward from the update record it pays for.
+
+    updates are the store's update records as mappings with node_id, committed_round (the round record they
+    were committed with, which is the round their rewards are booked under), accepted, aggregated, tokens and
+    quality_ppm. terms maps each round to the RewardTerms in force (see terms_by_round). Every reward entry must
+    pay one accepted, aggregated update of its node committed with its round, with the memo's tokens and quality
+    equal to the record's, and postings gross = floor(tokens x micro_per_token x quality) minted, of which
+    fee = floor(gross x fee_ppm / 1e6) goes to 'fees'. Every such update whose gross is not zero must be paid.
+    A fault at index len(entries) names an update that no entry pays.
+    """
+    owed: dict[tuple[int, str], list[tuple[int, int]]] = {}  # (round, node) -> [(tokens, quality ppm)]
+    for u in updates:
+        if u["accepted"] and u["aggregated"]:
+            owed.setdefault((u["committed_round"], u["node_id"]), []).append((u["tokens"], u["quality_ppm"]))
+    for i, raw in enumerate(entries):
+        try:
+            e = raw if isinstance(raw, LedgerEntry) else LedgerEntry.from_dict(raw)
+            if e.kind != "reward":
+                continue
+            if e.round not in terms:
+                return ChainFault(i, f"reward booked under round {e.round}, which no round record commits")
+            tokens, quality = e.memo.get("tokens"), Fraction(str(e.memo.get("quality")))
+            candidates = owed.get((e.round, e.node), [])
+            paid = next((c for c in candidates if c[0] == tokens and Fraction(c[1], PPM) == quality), None)
+            if paid is None:
+                return ChainFault(i, f"reward to {e.node} under round {e.round} (tokens {tokens}, quality {quality}) "
+                                     "pays no accepted, aggregated update of that node committed with that round")
+            candidates.remove(paid)
+            gross, fee = reward_amounts(paid[0], paid[1], terms[e.round])
+            postings = {leg.account: leg.amount for leg in e.postings}
+            booked = (postings, e.memo.get("gross"), e.memo.get("fee"))
+            if booked != (_reward_postings(e.node, gross, fee), gross, fee):
+                t = terms[e.round]
+                return ChainFault(i, f"reward to {e.node} under round {e.round} does not follow the formula: "
+                                     f"{tokens} tokens x {t.micro_per_token} micro/token x quality {quality} gives "
+                                     f"gross {gross} and fee {fee} (fee_ppm {t.fee_ppm}), but the entry books "
+                                     f"{postings} with memo gross {e.memo.get('gross')} and fee {e.memo.get('fee')}")
+        except (LedgerError, GovernanceError, TypeError, ValueError, ZeroDivisionError) as exc:
+            return ChainFault(i, f"reward entry does not check: {exc}")
+    for (round_, node), left in owed.items():
+        for tokens, quality_ppm in left:
+            where = f"the accepted, aggregated update of {node} committed with round {round_}"
+            if round_ not in terms:
+                return ChainFault(len(entries), f"{where}: no round record of that round")
+            try:
+                gross = reward_amounts(tokens, quality_ppm, terms[round_])[0]
+            except LedgerError as exc:
+                return ChainFault(len(entries), f"{where} does not check: {exc}")
+            if gross:
+                return ChainFault(len(entries), f"{where} ({tokens} tokens, quality {quality_ppm} ppm) was never paid")
+    return None

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import re
 import struct
 import time
 import typing
@@ -34,6 +36,7 @@ MAX_STRING = 4_096  # default limit for a string field; SDP has its own
 MAX_SDP = 60_000
 MAX_CONTROL_RATE = 50.0  # control messages per second a peer may send on one link, on average ...
 MAX_CONTROL_BURST = 200  # ... and at once (a round needs a handful; this only stops floods)
+MAX_JSON_DEPTH = 32  # nested arrays and objects; our deepest message needs 4, and json.loads recurses per level
 
 
 class WireError(ValueError):
@@ -363,7 +366,7 @@ def _check_type(value: object, hint: object, name: str) -> object:
         _need(math.isfinite(value), f"{name} must be finite")
     elif hint is str:
         _need(isinstance(value, str), f"{name} must be a string")
-        _need(len(value) <= max(MAX_STRING, MAX_SDP if name == "sdp" else 0), f"{name} too long")
+        _need(len(value) <= max(MAX_STRING, MAX_SDP if name == "sdp.sdp" else 0), f"{name} too long")
     elif hint is dict:
         _need(isinstance(value, dict), f"{name} must be an object")
     else:  # pragma: no cover - a message declared a type this decoder does not know
@@ -373,20 +376,16 @@ def _check_type(value: object, hint: object, name: str) -> object:
 
 def decode_message(frame: str | bytes) -> Message:
     """Parse one text frame into its message dataclass, or raise a WireError subclass saying what is wrong."""
-    raw = frame.encode() if isinstance(frame, str) else bytes(frame)
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise LimitExceeded(f"control message of {len(raw)} bytes exceeds {MAX_CONTROL_BYTES}")
-    try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedFrame(f"not a JSON message: {e}") from None
+    obj = parse_json(frame)
     if not isinstance(obj, dict):
         raise MalformedFrame("a message must be a JSON object")
-    if obj.get("v") != PROTOCOL_VERSION:
-        raise VersionMismatch(f"protocol version {obj.get('v')!r}; this peer speaks {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(obj.get("type"))  # type: ignore[arg-type]
+    version = obj.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 equal 1 in Python; not on the wire
+        raise VersionMismatch(f"protocol version {_show(version)}; this peer speaks {PROTOCOL_VERSION} (an integer)")
+    type_name = obj.get("type")
+    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        raise UnknownMessageType(f"unknown message type {obj.get('type')!r}")
+        raise UnknownMessageType(f"unknown message type {_show(type_name)}; known: {sorted(MESSAGE_TYPES)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -396,10 +395,94 @@ def decode_message(frame: str | bytes) -> Message:
             raise FieldError(f"{cls.TYPE} is missing field {f.name!r}")
     extra = set(obj) - {"v", "type"} - {f.name for f in dataclasses.fields(cls)}
     if extra:
-        raise FieldError(f"{cls.TYPE} has unknown fields {sorted(extra)}")
+        raise FieldError(f"{cls.TYPE} has unknown fields {_show(sorted(extra))}")
     msg = cls(**kwargs)
     msg.check()
     return msg
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value from the wire as it may appear in an error message: repr (so escaped), and cut to `limit` chars."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# Outside strings, JSON nests only through brackets. A string runs from a quote to the next unescaped quote; an
+# unterminated one runs to the end. The pattern never backtracks (the closing quote is optional), so it is linear.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+_JSON_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON writes a UTF-16 surrogate, paired or not
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in the JSON `text` (0 for a scalar); brackets in strings do not count.
+
+    Exact for every prefix that json.loads would accept, so a check of this bounds json.loads's recursion.
+    """
+    brackets = _JSON_BRACKET.findall(_JSON_STRING.sub("", text))
+    return max(itertools.accumulate(map(_JSON_STEP.__getitem__, brackets), initial=0))
+
+
+def parse_json(data: str | bytes, max_bytes: int = MAX_CONTROL_BYTES, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """One JSON document from a peer, or a WireError: LimitExceeded beyond `max_bytes` of UTF-8 or `max_depth`
+    levels of nesting (checked before parsing, so json.loads never recurses deeply), MalformedFrame for text
+    that is not UTF-8 or not JSON, FieldError for a string that is not valid UTF-8 (JSON's "\\ud800" escape
+    can name a lone surrogate, which no UTF-8 text can carry and which fails later, wherever it is encoded).
+
+    Every JSON input from the network goes through here: signaling frames, data-channel frames, HTTP bodies.
+    """
+    text = _utf8_text(data, max_bytes)
+    if text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        raise LimitExceeded(f"JSON nested more than {max_depth} levels deep")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise MalformedFrame(f"not a JSON message: {e}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        where = _lone_surrogate(obj, "")
+        if where is not None:
+            raise FieldError(f"the string at {where or 'the top level'} is not valid UTF-8 (it holds a lone "
+                             "surrogate); send text as UTF-8")
+    return obj
+
+
+def _utf8_text(data: str | bytes, max_bytes: int) -> str:
+    """`data` as text, if it is at most `max_bytes` of valid UTF-8."""
+    if len(data) > max_bytes:  # a character is at least one byte: no need to encode a huge text to refuse it
+        raise LimitExceeded(f"JSON text of {len(data)} bytes or more exceeds {max_bytes}")
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        text = data if isinstance(data, str) else raw.decode("utf-8")
+    except UnicodeError as e:  # invalid bytes, or a str holding a lone surrogate
+        raise MalformedFrame(f"not valid UTF-8 text: {e}") from None
+    if len(raw) > max_bytes:
+        raise LimitExceeded(f"JSON text of {len(raw)} bytes exceeds {max_bytes}")
+    return text
+
+
+def _lone_surrogate(value: object, path: str) -> str | None:
+    """Where in `value` the first string (value or key) that cannot be encoded as UTF-8 is, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        children: typing.Iterable[tuple[object, object]] = value.items()
+        for key in value:
+            if _lone_surrogate(key, "") is not None:
+                return f"{path}[{_show(key, 40)}] (its key)"
+    elif isinstance(value, list):
+        children = enumerate(value)
+    else:
+        return None
+    for key, item in children:
+        where = _lone_surrogate(item, f"{path}[{_show(key, 40)}]")
+        if where is not None:
+            return where
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 import dataclasses
 import json
+import re
 from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.governance import Governance
+from shared.governance import Change, Governance
 from shared.rewards import (
     FEES,
     MINT,
@@ -21,15 +22,21 @@ from shared.rewards import (
     Posting,
     Reputation,
     RewardTerms,
+    check_anchors,
     check_chain,
     check_receipt,
+    check_rewards,
+    params_in_force,
     quality_to_ppm,
     receipt_bytes,
     reward_amounts,
+    round_record_bytes,
     settle_update,
     stake_account,
+    terms_by_round,
     verify_chain,
 )
+from tests.conftest import ROOT
 
 FAST = settings(max_examples=40, deadline=None, database=None)
 TERMS = RewardTerms(micro_per_token=3, fee_ppm=50_000, stake_micro=1_000, initial_grant_micro=2_500, slash_ppm=500_000)
@@ -303,3 +310,158 @@ def test_a_rehashed_reward_with_a_different_split_is_named_by_its_balances():
     entries[2] = dataclasses.replace(forged, hash=forged.compute_hash())
     fault = check_chain(entries)
     assert fault.index == 2 and "balances" in fault.reason
+
+
+# ---- auditing a job: signed round anchors, rewards recomputed from their updates, a stranger's verifier ----
+
+
+def reforge(entries) -> Ledger:
+    """What a forger does after editing entries: rebuild every hash and post-balance so that the chain checks."""
+    forged = Ledger()
+    for e in entries:
+        forged.append(e.kind, e.postings, round=e.round, node=e.node, memo=e.memo)
+    return forged
+
+
+def update_record(node: str, committed_round: int, tokens: int, quality_ppm: int, aggregated: bool = True) -> dict:
+    return {"node_id": node, "round": committed_round - 1, "committed_round": committed_round, "accepted": True,
+            "aggregated": aggregated, "tokens": tokens, "quality_ppm": quality_ppm}
+
+
+def paid_round() -> tuple[Ledger, list[dict]]:
+    """n0 and n1 admitted under round 0; round 1 commits n0's update, n1's update and n1's late one (both paid),
+    an n0 update of quality 0 (nothing to pay) and an accepted update of n2 that the aggregator discarded."""
+    ledger = run([("grant", "n0"), ("stake", "n0"), ("grant", "n1"), ("stake", "n1")])
+    updates = [update_record("n0", 1, 1_000, PPM), update_record("n1", 1, 2_000, 250_000),
+               update_record("n1", 1, 700, 500_000), update_record("n0", 1, 900, 0),
+               update_record("n2", 1, 500, PPM, aggregated=False)]
+    for u in updates:
+        if u["aggregated"]:
+            ledger.reward(u["node_id"], tokens=u["tokens"], quality=u["quality_ppm"], round=1, terms=TERMS)
+    return ledger, updates
+
+
+def test_every_reward_is_recomputed_from_the_update_it_pays():
+    ledger, updates = paid_round()
+    assert [e.kind for e in ledger.entries].count("reward") == 3
+    assert check_rewards(ledger.to_list(), updates, {0: TERMS, 1: TERMS}) is None
+    assert check_rewards(ledger.entries, updates, {1: TERMS}) is None
+
+
+def test_a_rehashed_overpayment_passes_the_chain_but_not_the_reward_formula():
+    ledger, updates = paid_round()
+    entries = list(ledger.entries)
+    i = next(k for k, e in enumerate(entries) if e.kind == "reward")
+    e = entries[i]
+    gross = e.memo["gross"] + 500
+    entries[i] = dataclasses.replace(e, memo={**e.memo, "gross": gross},
+                                     postings=(Posting(MINT, -gross), Posting("n0", e.postings[1].amount + 500),
+                                               e.postings[2]))
+    forged = reforge(entries)
+    assert check_chain(forged.entries, balances=forged.balances()) is None  # the chain alone cannot tell
+    fault = check_rewards(forged.entries, updates, {1: TERMS})
+    assert fault.index == i
+    assert "does not follow the formula" in fault.reason and "gross 3000" in fault.reason
+
+
+def test_a_reward_must_pay_one_update_of_its_node_and_round_and_every_such_update_is_paid():
+    ledger, updates = paid_round()
+    entries = ledger.to_list()
+    first_reward = next(k for k, e in enumerate(entries) if e["kind"] == "reward")
+    terms = {1: TERMS, 2: TERMS}
+    fault = check_rewards(entries, updates[1:], terms)  # n0's update record is gone
+    assert fault.index == first_reward and "pays no accepted, aggregated update" in fault.reason
+    moved = [LedgerEntry.from_dict(e) for e in entries]
+    moved[first_reward] = dataclasses.replace(moved[first_reward], round=2)  # booked under another round
+    assert check_rewards(reforge(moved).entries, updates, terms).index == first_reward
+    claimed = [LedgerEntry.from_dict(e) for e in entries]
+    claimed[first_reward] = dataclasses.replace(claimed[first_reward],
+                                                memo={**claimed[first_reward].memo, "tokens": 1_001})
+    assert "pays no" in check_rewards(reforge(claimed).entries, updates, terms).reason
+    unpaid = [LedgerEntry.from_dict(e) for k, e in enumerate(entries) if k != first_reward]
+    fault = check_rewards(reforge(unpaid).entries, updates, terms)
+    assert fault.index == len(unpaid) and "n0 committed with round 1" in fault.reason and "never paid" in fault.reason
+    assert "no round record" in check_rewards(entries, updates, {2: TERMS}).reason
+
+
+def test_the_terms_of_a_round_undo_the_changes_that_took_effect_at_or_after_it():
+    g = Governance.default()
+    params = {**g.params, "fee_ppm": 100_000, "reward_micro_per_token": 2}
+    g.audit.append_change(Change("p1", "set_param", "fee_ppm", 50_000, 100_000, 3))
+    g.audit.append_change(Change("p2", "add_rule", "some-rule", None, {"id": "some-rule"}, 4))
+    g.audit.append_change(Change("p3", "set_param", "reward_micro_per_token", 1, 2, 5))
+    audit = g.audit.to_list()
+    # a change of round r is applied at the boundary after round r's rewards were booked
+    assert params_in_force(params, audit, 3)["fee_ppm"] == 50_000
+    assert params_in_force(params, audit, 4)["fee_ppm"] == 100_000
+    terms = terms_by_round(params, audit, range(7))
+    assert [(terms[r].fee_ppm, terms[r].micro_per_token) for r in (0, 3, 4, 5, 6)] == [
+        (50_000, 1), (50_000, 1), (100_000, 1), (100_000, 1), (100_000, 2)]
+    with pytest.raises(LedgerError, match="does not lead to the value in force"):
+        params_in_force({**params, "fee_ppm": 70_000}, audit, 0)
+
+
+def test_signed_round_heads_anchor_the_end_of_the_log():
+    ledger, _ = paid_round()
+    entries = ledger.to_list()
+    heads = [(0, ""), (1, entries[3]["hash"]), (2, entries[-1]["hash"])]
+    assert check_anchors(entries, heads) is None
+    assert check_anchors([], [(0, ""), (1, "0" * 64)]) is None
+    fault = check_anchors(entries[:-1], heads)  # the last entry dropped, the heads as signed
+    assert fault.index == len(entries) - 1 and "not the hash of any entry" in fault.reason
+    fault = check_anchors(entries, heads[:2])  # entries after the last signed head: no round committed them
+    assert fault.index == 4 and "no signed round commits" in fault.reason
+    fault = check_anchors(entries, [(1, entries[-1]["hash"]), (2, entries[3]["hash"])])
+    assert "points back" in fault.reason
+
+
+def test_round_records_are_signed_over_round_model_hash_and_ledger_head_only():
+    signed = round_record_bytes(3, "ab" * 32, "cd" * 32)
+    assert signed == (b"swarmgrad/v1/round\n" + b'{"ledger_head":"' + b"cd" * 32 + b'","model_hash":"' + b"ab" * 32
+                      + b'","round":3}')
+    assert len({signed, round_record_bytes(4, "ab" * 32, "cd" * 32), round_record_bytes(3, "ab" * 32, "")}) == 3
+
+
+def ledger_md_blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "LEDGER.md").read_text(encoding="utf-8")
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+def test_a_stranger_verifies_receipts_and_round_records_with_the_code_in_docs_ledger_md():
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    (code,) = ledger_md_blocks("python")
+    stranger: dict = {}
+    exec(compile(code, "docs/LEDGER.md", "exec"), stranger)  # only hashlib, json and cryptography, as the doc says
+    (vector,) = [json.loads(block) for block in ledger_md_blocks("json")]
+    coordinator_id, receipt = vector["coordinator_id"], vector["receipt"]
+    entry, signature = receipt["entry"], receipt["signature"]
+    stranger["verify_receipt"](entry, signature, coordinator_id)
+
+    # this code hashes, signs and computes the amounts exactly as the stranger does
+    coordinator = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # the doc's test key: 0, 1, ..., 31
+    public = coordinator.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert public.hex() == coordinator_id
+    assert check_receipt(entry, entry["node"]).hash == entry["hash"]
+    assert coordinator.sign(receipt_bytes(entry)).hex() == signature  # ed25519 signatures are deterministic
+    memo = entry["memo"]
+    assert reward_amounts(memo["tokens"], Fraction(memo["quality"]), RewardTerms()) == (memo["gross"], memo["fee"])
+    assert stranger["reward_amounts"](6144, 750_000, 1, 50_000) == (4608, 230)
+    for tokens, quality in [(1, PPM), (999_999, 333_333), (10**12, 1)]:
+        assert stranger["reward_amounts"](tokens, quality, 3, 70_000) == reward_amounts(
+            tokens, quality, RewardTerms(micro_per_token=3, fee_ppm=70_000))
+
+    edited = {**entry, "postings": [["mint", -4609], entry["postings"][1], ["fees", 231]]}
+    with pytest.raises(ValueError, match="hash"):
+        stranger["verify_receipt"](edited, signature, coordinator_id)
+    rehashed = {**edited, "hash": LedgerEntry.from_dict(edited).compute_hash()}
+    with pytest.raises(InvalidSignature):
+        stranger["verify_receipt"](rehashed, signature, coordinator_id)
+
+    record = {"round": 1, "model_hash": "ab" * 32, "ledger_head": entry["hash"]}
+    record["signature"] = coordinator.sign(round_record_bytes(**record)).hex()
+    stranger["verify_round_record"](record, coordinator_id)
+    with pytest.raises(InvalidSignature):
+        stranger["verify_round_record"]({**record, "ledger_head": entry["prev"]}, coordinator_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sqlite3
+
 import numpy as np
 import pytest
 
 from server.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
-from server.store import RoundRecord, Store, UpdateRecord
+from server.store import OutdatedSchema, RoundRecord, Store, UpdateRecord
 
 
 def record(round_: int) -> RoundRecord:
@@ -72,3 +75,69 @@ def test_a_tampered_or_truncated_checkpoint_is_refused(tmp_path):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+# ---- what an auditor needs: signed rounds, and each update's reward inputs ----
+
+OLD_SCHEMA = """
+CREATE TABLE rounds (round INTEGER PRIMARY KEY, model_hash TEXT NOT NULL, checkpoint TEXT NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL, val_loss REAL, accepted INTEGER NOT NULL, rejected INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, bytes_received INTEGER NOT NULL, opened_at REAL NOT NULL, closed_at REAL NOT NULL,
+    deadline REAL NOT NULL, ledger_head TEXT NOT NULL);
+CREATE TABLE updates (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, node_id TEXT NOT NULL,
+    accepted INTEGER NOT NULL, reason TEXT NOT NULL, tokens INTEGER NOT NULL, inner_steps INTEGER NOT NULL,
+    loss_first REAL, loss_last REAL, bytes INTEGER NOT NULL, weight REAL NOT NULL, received_at REAL NOT NULL);
+INSERT INTO rounds VALUES (0, 'h0', 'round-000000.ckpt', 's0', 3.0, 0, 0, 0, 0, 1.0, 1.0, 1.0, '');
+INSERT INTO updates (round, node_id, accepted, reason, tokens, inner_steps, loss_first, loss_last, bytes, weight,
+    received_at) VALUES (0, 'n1', 1, '', 100, 5, 3.0, 2.0, 4000, 1.0, 1.5);
+"""
+
+
+def test_a_round_record_keeps_the_coordinators_signature(tmp_path):
+    store = Store(tmp_path / "state.db")
+    signed = dataclasses.replace(record(1), signature="ab" * 64)
+    store.commit_round(signed, [])
+    assert store.last_round() == signed
+    assert record(1).signature == ""  # built positionally without one, as before the signature existed
+
+
+def test_an_update_record_keeps_its_reward_inputs_and_the_round_it_was_committed_with(tmp_path):
+    store = Store(tmp_path / "state.db")
+    late = dataclasses.replace(update(0, "n1"), quality_ppm=750_000, aggregated=True)
+    discarded = dataclasses.replace(update(1, "n2"), quality_ppm=10, aggregated=False)
+    store.commit_round(record(2), [late, discarded, update(1, "n3", accepted=False)])
+    assert store.updates() == [dataclasses.replace(late, committed_round=2),
+                               dataclasses.replace(discarded, committed_round=2),
+                               dataclasses.replace(update(1, "n3", accepted=False), committed_round=2)]
+
+
+def test_an_older_database_gains_the_new_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+    audit = Store(path, read_only=True)
+    assert audit.rounds()[0].signature == ""  # the rounds still read, unsigned
+    with pytest.raises(OutdatedSchema, match="updates lacks quality_ppm, aggregated, committed_round"):
+        audit.updates()
+    audit.close()
+
+    store = Store(path)
+    (old,) = store.updates()
+    assert (old.node_id, old.quality_ppm, old.aggregated, old.committed_round) == ("n1", 0, False, None)
+    store.commit_round(dataclasses.replace(record(1), signature="cd" * 64),
+                       [dataclasses.replace(update(0, "n2"), quality_ppm=5, aggregated=True)])
+    assert [(r.round, r.signature) for r in store.rounds()] == [(0, ""), (1, "cd" * 64)]
+    assert [(u.node_id, u.quality_ppm, u.aggregated, u.committed_round) for u in store.updates()] == [
+        ("n1", 0, False, None), ("n2", 5, True, 1)]
+    assert Store(path, read_only=True).updates()[1].committed_round == 1
+
+
+def test_a_read_only_store_creates_and_writes_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Store(tmp_path / "missing" / "state.db", read_only=True)
+    assert not (tmp_path / "missing").exists()
+    Store(tmp_path / "state.db").commit_round(record(1), [update(0, "n1")])
+    audit = Store(tmp_path / "state.db", read_only=True)
+    assert [r.round for r in audit.rounds()] == [1] and len(audit.updates()) == 1
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        audit.set_meta("job", {"model": "tiny"})

@@ -63,6 +63,15 @@ def valid_hello_dict() -> dict:
     (lambda d: d.update(signature=12), FieldError),
     (lambda d: d.update(extra=1), FieldError),
     (lambda d: d.update(agent="x" * 5000), FieldError),
+    (lambda d: d.update(v=True), VersionMismatch),  # true == 1 in Python, but it is not the version
+    (lambda d: d.update(v=1.0), VersionMismatch),
+    (lambda d: d.update(v="1"), VersionMismatch),
+    (lambda d: d.update(type=["hello"]), UnknownMessageType),  # unhashable: a TypeError once
+    (lambda d: d.update(type={"hello": 1}), UnknownMessageType),
+    (lambda d: d.update(type=None), UnknownMessageType),
+    (lambda d: d.update(agent="\ud800"), FieldError),  # a lone surrogate: valid JSON, never valid UTF-8
+    (lambda d: d.update(agent="ok \udfff"), FieldError),
+    (lambda d: d.update(nonce="\ud800" * 64), FieldError),
 ])
 def test_malformed_fields_get_typed_errors(mutate, error):
     d = valid_hello_dict()
@@ -80,6 +89,67 @@ def test_malformed_fields_get_typed_errors(mutate, error):
 def test_non_messages_get_typed_errors(frame, error):
     with pytest.raises(error):
         decode_message(frame)
+
+
+def test_a_lone_surrogate_inside_an_object_field_is_refused_with_its_place():
+    d = wire.Welcome("a" * 64, "b" * 64, {"model": "tiny", "notes": ["fine", "bad \udc00"]}, 0).to_dict()
+    with pytest.raises(FieldError, match=r"\['job'\]\['notes'\]\[1\]"):
+        decode_message(json.dumps(d))
+    d["job"] = {"\ud800": 1}
+    with pytest.raises(FieldError, match="its key"):
+        decode_message(json.dumps(d))
+
+
+def test_surrogate_pairs_are_text_and_decode():
+    h = Hello("a" * 64, "trainer", "b" * 64, "c" * 128, "node \U0001f600")
+    assert "\\ud83d\\ude00" in json.dumps(h.to_dict())  # how json.dumps writes it: one escaped pair
+    assert decode_message(json.dumps(h.to_dict())) == h
+
+
+@pytest.mark.parametrize("frame", [
+    "\ud800",  # a str that holds a lone surrogate itself, not as an escape
+    b'"\xed\xa0\x80"',  # a surrogate encoded as if UTF-8 (CESU-8), which json.loads would let through
+    b'\xef\xbb\xbf{"v": 1}',  # a UTF-8 byte order mark
+])
+def test_text_that_is_not_utf8_is_malformed(frame):
+    with pytest.raises(MalformedFrame):
+        decode_message(frame)
+
+
+def test_deep_nesting_is_refused_before_json_recurses():
+    with pytest.raises(LimitExceeded, match="nested more than 32"):
+        decode_message("[" * 60_000)  # 60 KB, under the size limit; json.loads would raise RecursionError
+    with pytest.raises(LimitExceeded, match="nested more than 32"):
+        decode_message("[" * 60_000 + "]" * 5_000)
+    with pytest.raises(LimitExceeded, match="exceeds"):
+        decode_message("[" * 100_000)  # 10^5 levels do not fit in a control message at all
+    d = valid_hello_dict()
+    with pytest.raises(LimitExceeded, match="nested"):  # 33 levels with the message's own object
+        decode_message(json.dumps({**d, "agent": nested(wire.MAX_JSON_DEPTH)}))
+    with pytest.raises(FieldError, match="agent must be a string"):  # 32 levels in all parse, then fail the type
+        decode_message(json.dumps({**d, "agent": nested(wire.MAX_JSON_DEPTH - 1)}))
+
+
+def nested(levels: int) -> list:
+    """A list `levels` deep: [] is 1."""
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("text, depth", [
+    ("1", 0), ('"[[["', 0), ("[]", 1), ("{}", 1), ('[{"a": [1, {"b": []}]}]', 5), ("[[], [[]], []]", 3),
+    ('["]", ["\\"[", "\\\\"], []]', 2),  # escaped quotes and backslashes inside strings
+    ('["unterminated [[[', 1), ("]]][[", 0),
+])
+def test_json_depth_counts_brackets_outside_strings(text, depth):
+    assert wire.json_depth(text) == depth
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    h = Hello("a" * 64, "trainer", "b" * 64, "c" * 128, "[{" * 100)
+    assert decode_message(h.encode()) == h
 
 
 def test_integer_fields_refuse_booleans_and_floats():
@@ -103,6 +173,60 @@ def test_arbitrary_text_never_escapes_as_anything_but_a_wire_error(text):
         decode_message(text)
     except WireError:
         pass
+
+
+# Hostile frames: valid messages bent one field at a time, arbitrary JSON, deep nesting, lone surrogates, bytes.
+VALID_MESSAGES = [
+    Hello("a" * 64, "trainer", "b" * 64, "c" * 128, "agent"),
+    RoundOpen(1, "a" * 64, "b" * 128, {"inner_steps": 2}, 0, 1.0),
+    PayloadHeader(7, "update", 10, 1, "d" * 64, {"round": 1}),
+    wire.Sdp("a" * 64, "b" * 64, "offer", "v=0"),
+    wire.Error("bad_field", "what", True),
+    wire.PathSelect("websocket"),
+    wire.Bye(),
+]
+odd_text = st.text(max_size=12) | st.sampled_from(["\ud800", "x\udfff", "\U0001f600", "", "a" * 5000])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | odd_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(odd_text, inner, max_size=4), max_leaves=12)
+field_names = st.sampled_from(["v", "type", "node_id", "kind", "nonce", "agent", "round", "config", "meta",
+                               "total_bytes", "num_chunks", "sdp", "code", "fatal", "path", "extra"])
+
+
+@st.composite
+def bent_messages(draw) -> str:
+    d = draw(st.sampled_from(VALID_MESSAGES)).to_dict()
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(field_names)
+        if draw(st.booleans()):
+            d[name] = draw(json_values)
+        else:
+            d.pop(name, None)
+    return json.dumps(d)
+
+
+@st.composite
+def deep_frames(draw) -> str:
+    """Up to 100 KB: past MAX_CONTROL_BYTES, and far below the coordinator's WebSocket frame limit."""
+    opener = draw(st.sampled_from(["[", '{"a":', '["\\"]",']))
+    depth = draw(st.integers(0, 100_000 // (len(opener) + 1)))
+    return opener * depth + draw(st.sampled_from(["", "1", "]" * depth]))
+
+
+hostile_frames = (bent_messages() | json_values.map(json.dumps) | deep_frames() | st.text(max_size=200)
+                  | st.binary(max_size=64) | st.binary(max_size=64).map(lambda b: wire.CHUNK_MAGIC + b))
+
+
+@given(hostile_frames)
+@settings(max_examples=300, deadline=None)
+def test_hostile_frames_give_a_message_or_a_wire_error_and_nothing_else(frame):
+    receiver = wire.FrameReceiver(1 << 20, burst=1000)
+    try:
+        item = receiver.feed(frame)
+    except WireError as e:
+        assert e.code in {"malformed", "version", "unknown_type", "bad_field", "limit", "checksum"}
+        return
+    assert item is None or isinstance(item, (wire.Message, tuple))
 
 
 def send_and_receive(data: bytes) -> tuple[PayloadHeader, list[bytes], bytes]:
@@ -227,3 +351,13 @@ def test_a_flood_of_control_messages_is_refused_beyond_the_rate_limit():
     assert receiver.feed(bye) == wire.Bye("x")
     with pytest.raises(LimitExceeded):
         receiver.feed(bye)
+
+
+def test_an_sdp_may_be_longer_than_other_strings_up_to_its_own_limit():
+    from shared.wire import MAX_SDP, MAX_STRING, Sdp
+
+    long_sdp = "a=candidate " * (2 * MAX_STRING // 12)  # a browser's offer with many candidates
+    assert MAX_STRING < len(long_sdp) <= MAX_SDP
+    assert decode_message(Sdp("a" * 64, "b" * 64, "offer", long_sdp).encode()).sdp == long_sdp
+    with pytest.raises(FieldError):
+        decode_message(json.dumps({"v": 1, "type": "error", "code": "x", "message": "m" * (MAX_STRING + 1)}))

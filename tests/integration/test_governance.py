@@ -1,18 +1,24 @@
-"""Governance, rewards and autonomy with real processes: votes change the next round, a rule-breaking update is
-slashed and the ledger still verifies, and a slow trainer adapts H to make the deadline."""
+"""Governance, rewards and autonomy with real processes: votes change the next round, only nodes with accepted
+work may propose and vote, a rule-breaking update is slashed and the ledger still
+verifies, and a slow trainer adapts H to make the deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http.client
 import json
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 
+from server.keys import NodeKey
+from shared.governance import Proposal, Vote
 from tests.conftest import ROOT
-from tests.integration.test_protocol_errors import Client
+from tests.integration.test_protocol_errors import Client, honest_update
 from shared.wire import RoundOpen
 
 
@@ -49,20 +55,99 @@ def test_a_proposal_passed_by_vote_changes_the_next_rounds_config(processes, loo
     assert status["job"]["inner_steps"] == 4
 
 
+class GovernanceApi:
+    """Signed proposals and votes POSTed over one kept-alive connection, so that thousands take seconds."""
+
+    def __init__(self, url: str):
+        address = urllib.parse.urlsplit(url)
+        self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+
+    def post(self, kind: str, message: Proposal | Vote, key: NodeKey) -> tuple[int, dict]:
+        signed = dataclasses.replace(message, signature=key.sign(message.signing_bytes()))
+        self.connection.request("POST", f"/api/governance/{kind}", json.dumps(signed.to_dict()),
+                                {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        return response.status, json.loads(response.read())
+
+
+def a_job_whose_trainer_earned_reputation(processes, tmp_path):
+    """A one-round job, finished, so that no round commits while the test runs; its one trainer's accepted update
+    earned it reputation. Returns the coordinator and the trainer's key."""
+    coordinator = processes.coordinator("--inner-steps", "2", "--batch-size", "8", "--rounds", "1",
+                                        "--round-deadline", "600")
+    coordinator.wait_ready()
+    key_file = tmp_path / "worker.key"
+    processes.trainer(coordinator.url, "--key-file", str(key_file), "--transport", "websocket")
+    coordinator.wait_for(lambda s: s["state"] == "finished", 180, "the one round that earns the trainer reputation")
+    return coordinator, NodeKey.load_or_create(key_file)
+
+
+def lr_proposal(key: NodeKey, round_: int, note: str = "") -> Proposal:
+    return Proposal(key.node_id, "set_param", {"name": "lr", "value": 0.001}, round_, note)
+
+
+def test_a_never_admitted_key_cannot_fill_the_proposal_limit_and_a_node_with_work_still_proposes(
+        processes, loopback_namespace, tmp_path):  # fmt: skip
+    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path)
+    api, stranger = GovernanceApi(coordinator.url), NodeKey()
+
+    refusals = [api.post("proposals", lr_proposal(stranger, 10**15, note=str(i)), stranger) for i in range(127)]
+    assert {code for code, _ in refusals} == {403}
+    assert all("only admitted nodes may propose" in body["error"] for _, body in refusals)
+    assert coordinator.status_of("/api/governance")["proposals"] == []
+
+    current = coordinator.status()["round"]
+    code, state = api.post("proposals", lr_proposal(worker, current), worker)
+    assert code == 201 and state["status"] == "open"
+    listed = coordinator.status_of("/api/governance")["proposals"]
+    assert [p["proposal"]["proposer"] for p in listed] == [worker.node_id]
+
+
+def test_votes_from_fresh_keys_are_refused_unstored_and_a_vote_with_weight_is_one_row(processes,
+                                                                                      loopback_namespace, tmp_path):
+    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path)
+    api, current = GovernanceApi(coordinator.url), coordinator.status()["round"]
+    code, state = api.post("proposals", lr_proposal(worker, current), worker)
+    assert code == 201
+    proposal_id = state["proposal"]["id"]
+    db = sqlite3.connect(f"file:{coordinator.data_dir / 'state.db'}?mode=ro", uri=True)
+
+    def governance_blob() -> str:
+        return db.execute("SELECT value FROM meta WHERE key = 'governance'").fetchone()[0]
+
+    blob = governance_blob()
+    fresh = [NodeKey() for _ in range(1500)]
+    refusals = [api.post("votes", Vote(proposal_id, key.node_id, True, current), key) for key in fresh]
+    assert {code for code, _ in refusals} == {403}
+    assert all("only admitted nodes may vote" in body["error"] for _, body in refusals)
+    assert db.execute("SELECT COUNT(*) FROM votes").fetchone() == (0,)
+
+    code, _ = api.post("votes", Vote(proposal_id, worker.node_id, True, current), worker)
+    assert code == 201
+    assert db.execute("SELECT proposal_id, voter, approve, round FROM votes").fetchall() == [
+        (proposal_id, worker.node_id, 1, current)]
+    assert governance_blob() == blob  # a vote is a row; the governance state is written only with a round
+
+
 def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(processes, loopback_namespace):
     coordinator = processes.coordinator("--round-deadline", "600")
     coordinator.wait_ready()
 
     async def scenario():
-        cheat = await Client.join(coordinator.url)
+        cheat, honest = await Client.join(coordinator.url), await Client.join(coordinator.url)
+        for node in (cheat, honest):  # round 0: verified work earns both the start grant, and a stake from it
+            assignment = await node.receive(RoundOpen)
+            params = await node.model(assignment)
+            assert (await node.send_update(assignment, await honest_update(coordinator, node, assignment,
+                                                                           params))).accepted
         assignment = await cheat.receive(RoundOpen)
         params = await cheat.model(assignment)
-        values = np.full(params.size, 1e-3, np.float32)
+        values = await honest_update(coordinator, cheat, assignment, params)
         values[7] = np.inf
         verdict = await cheat.send_update(assignment, values)
-        honest = await Client.join(coordinator.url)
-        good = await honest.send_update(await honest.receive(RoundOpen), np.full(params.size, 1e-3, np.float32))
-        await honest.receive(RoundOpen)  # the next round: the first one is committed
+        second = await honest.receive(RoundOpen)
+        good = await honest.send_update(second, await honest_update(coordinator, honest, second, params))
+        await honest.receive(RoundOpen)  # the next round: round 1 is committed
         return cheat.key.node_id, honest.key.node_id, verdict, good
 
     cheat, honest, verdict, good = asyncio.run(asyncio.wait_for(scenario(), 120))
@@ -70,7 +155,7 @@ def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(process
     assert good.accepted
 
     ledger = coordinator.status_of("/api/ledger")
-    kinds = {(e["kind"], e["node"]) for e in ledger["entries"]}
+    kinds = {(e["kind"], e["node"]) for e in ledger["entries"] if e["round"] == 2}  # booked as round 1 commits
     assert ("slash", cheat) in kinds and ("reward", honest) in kinds
     assert ("reward", cheat) not in kinds
     balances = ledger["balances"]
@@ -90,7 +175,7 @@ def test_ledger_verify_names_the_first_altered_entry(processes, loopback_namespa
         client = await Client.join(coordinator.url)
         assignment = await client.receive(RoundOpen)
         params = await client.model(assignment)
-        await client.send_update(assignment, np.full(params.size, 1e-3, np.float32))
+        await client.send_update(assignment, await honest_update(coordinator, client, assignment, params))
         await client.receive(RoundOpen)
 
     asyncio.run(asyncio.wait_for(one_round(), 120))
@@ -148,10 +233,11 @@ def test_malformed_or_oversized_proposals_are_refused_and_change_nothing(process
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    for body, expected in [(b"{not json", "refused"), (b"x" * 100_000, "exceeds"),
-                           (json.dumps({"proposer": "a" * 64, "kind": "set_param", "round": 0,
-                                        "payload": {"name": "lr", "value": 0.001}, "signature": "0" * 128}).encode(),
-                            "signature")]:
+    for body, status, expected in [
+            (b"{not json", 400, "refused"), (b"x" * 100_000, 400, "exceeds"),
+            (json.dumps({"proposer": "a" * 64, "kind": "set_param", "round": 0,
+                         "payload": {"name": "lr", "value": 0.001}, "signature": "0" * 128}).encode(),
+             403, "only admitted nodes may propose")]:
         code, text = post(body)
-        assert code == 400 and expected in text, (code, text)
+        assert code == status and expected in text, (code, text)
     assert coordinator.status_of("/api/governance") == before

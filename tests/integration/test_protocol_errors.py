@@ -58,19 +58,45 @@ class Client:
         assert header.sha256 == assignment.model_hash
         return np.frombuffer(data, "<f4")
 
+    def signed_update(self, assignment: RoundOpen, header: PayloadHeader, num_values: int,
+                      signer: NodeKey | None = None, tokens: int | None = None) -> Update:
+        if tokens is None:
+            tokens = int(assignment.config["seq_len"])  # one step of one sequence: within any assignment
+        u = Update(self.key.node_id, assignment.round, assignment.model_hash, tokens, 1, 3.0, 2.0,
+                   {"name": "fp32", "params": {}}, num_values, header.transfer_id, header.sha256,
+                   header.total_bytes, "0" * 128)
+        return Update(**{**u.__dict__, "signature": (signer or self.key).sign(signing_bytes("update",
+                                                                                          u.signing_fields()))})
+
     async def send_update(self, assignment: RoundOpen, values: np.ndarray, signer: NodeKey | None = None,
-                          num_values: int | None = None) -> UpdateResult:
+                          num_values: int | None = None, tokens: int | None = None) -> UpdateResult:
         data = np.ascontiguousarray(values, "<f4").tobytes()
         header, chunks = payload_frames(1, "update", data)
-        u = Update(self.key.node_id, assignment.round, assignment.model_hash, 1000, 1, 3.0, 2.0,
-                   {"name": "fp32", "params": {}}, num_values or values.size, header.transfer_id, header.sha256,
-                   header.total_bytes, "0" * 128)
-        u = Update(**{**u.__dict__, "signature": (signer or self.key).sign(signing_bytes("update", u.signing_fields()))})
-        await self.ws.send(u.encode())
+        await self.ws.send(self.signed_update(assignment, header, num_values or values.size, signer, tokens).encode())
         await self.ws.send(header.encode())
         for c in chunks:
             await self.ws.send(c)
         return await self.receive(UpdateResult)
+
+    async def announce_update(self, assignment: RoundOpen, size: int = 136_960) -> None:
+        """A signed Update whose payload never follows."""
+        header, _ = payload_frames(7, "update", np.zeros(size, "<f4").tobytes())
+        await self.ws.send(self.signed_update(assignment, header, size).encode())
+
+
+async def honest_update(coordinator, client: Client, assignment: RoundOpen, params: np.ndarray) -> np.ndarray:
+    """The pseudo-gradient the assignment computes for this client: one AdamW step on one sequence of its shard,
+    as a trainer computes it (what a spot check re-executes)."""
+    import urllib.request
+
+    from server.spot_check import reexecute
+    from shared.model import model_config
+
+    with urllib.request.urlopen(f"{coordinator.url}/api/shards/{assignment.shard}", timeout=10) as r:
+        shard = r.read()
+    cfg = assignment.config
+    return reexecute(model_config("tiny"), params, shard, client.key.node_id, assignment.round, 1, 1,
+                     int(cfg["seq_len"]), float(cfg["lr"]), float(cfg["weight_decay"]))
 
 
 def run(coro):
@@ -79,7 +105,8 @@ def run(coro):
 
 @pytest.fixture
 def coordinator(processes):
-    c = processes.coordinator("--round-deadline", "600")
+    # these clients send made-up values, which a spot check would rightly find fake: none is re-executed here
+    c = processes.coordinator("--round-deadline", "600", "--verify-share", "0")
     c.wait_ready()
     return c
 
@@ -113,13 +140,13 @@ def test_a_malformed_frame_gets_a_typed_error_and_closes_the_socket(coordinator)
     assert error.code == "bad_field" and "update" in error.message
 
 
-@pytest.mark.parametrize("bend, rule", [
-    ("nan", "finite-values"),
-    ("huge", "norm-bound"),
-    ("short", "shape"),
-    ("forged", "signature"),
+@pytest.mark.parametrize("bend, rule, booked", [
+    ("nan", "finite-values", 1),
+    ("huge", "norm-bound", 1),
+    ("short", "shape", 1),
+    ("forged", "signature", 0),  # not the node's own signed statement: answered, never booked against it
 ])
-def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator, bend, rule):
+def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator, bend, rule, booked):
     async def scenario():
         client = await Client.join(coordinator.url)
         assignment = await client.receive(RoundOpen)
@@ -134,8 +161,9 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
             verdict = await client.send_update(assignment, values[:-1])
         else:
             verdict = await client.send_update(assignment, values, signer=NodeKey())
+            await client.ws.close()  # an unsigned update does not use up the node's turn: it leaves instead
         before = coordinator.status()
-        # the rejection used up this node's turn; a second node's good update alone closes the round
+        # the rejection used up this node's turn (or it left); a second node's good update alone closes the round
         other = await Client.join(coordinator.url)
         second = await other.receive(RoundOpen)
         good = await other.send_update(second, np.full(params.size, 1e-3, np.float32))
@@ -149,11 +177,11 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
     # outer Nesterov's first step on the good update alone: theta - lr * (1 + momentum) * g
     np.testing.assert_allclose(new_params, params - 0.7 * 1.9 * 1e-3, atol=1e-6)
     after = coordinator.status()
-    assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == 1
+    assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == booked
 
 
 def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(processes):
-    coordinator = processes.coordinator("--round-deadline", "5")
+    coordinator = processes.coordinator("--round-deadline", "5", "--verify-share", "0")
     coordinator.wait_ready()
 
     async def scenario():
@@ -165,15 +193,21 @@ def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(pr
         assert (await fast.send_update(first, good)).accepted
         second = await fast.receive(RoundOpen)  # the deadline closed round 0 without the slow node
         late = await slow.send_update(first, good)  # computed on round 0's model, arriving in round 1
-        while (await slow.receive(RoundOpen)).round < 2:  # round 1 closes at its deadline: round 2 opens
+        # slow was assigned round 1 too (same round and model as `second`) and leaves it undone
+        third = await fast.receive(RoundOpen)  # round 1 closed at its deadline with the late update
+        assert (await fast.send_update(third, good * 2)).accepted
+        while (await slow.receive(RoundOpen)).round < 3:  # round 2 closes at its deadline: round 3 opens
             pass
-        too_late = await slow.send_update(first, good)  # round 0's model again, now two rounds old
-        return first, second, late, too_late
+        too_late = await slow.send_update(second, good)  # round 1's model, now two rounds old
+        replayed = await slow.send_update(first, good)  # its round-0 update, heard once already
+        return first, second, late, too_late, replayed
 
-    first, second, late, too_late = run(scenario())
+    first, second, late, too_late, replayed = run(scenario())
     assert second.round == first.round + 1
     assert late.accepted
     assert not too_late.accepted and too_late.rule == "max-staleness"
+    assert not replayed.accepted and replayed.rule == "replay"
     with sqlite3.connect(coordinator.data_dir / "state.db") as db:
         rows = db.execute("SELECT round, accepted, weight FROM updates ORDER BY id").fetchall()
-    assert rows == [(0, 1, 1.0), (0, 1, 0.5)]  # the late one is booked with round 1, at half weight
+    # the late one is booked with round 1, at half weight (the stale one waits for round 3's commit)
+    assert rows == [(0, 1, 1.0), (0, 1, 0.5), (2, 1, 1.0)]

@@ -1,0 +1,74 @@
+"""The coordinator's books survive any one update, copies are told apart from honest agreement, and joining
+mints nothing: the Governor and the copy measure on real values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.copies import COPY_COSINE, copy_of
+from server.governor import Governor, UpdateOutcome
+from server.keys import NodeKey
+from server.store import Store
+from shared.rules import Decision, Verdict
+
+ALLOWED = Decision("update", (Verdict("finite-values", True, "", True),))
+
+
+def governor(tmp_path) -> Governor:
+    return Governor(Store(tmp_path / "state.db"), NodeKey(), {})
+
+
+def test_an_entry_the_ledger_refuses_is_left_out_and_the_others_are_booked(tmp_path):
+    g = governor(tmp_path)
+    a, b = NodeKey().node_id, NodeKey().node_id
+    entries = g.settle(1, [UpdateOutcome(a, ALLOWED, 10**13, 1_000_000, True),  # beyond MAX_TOKENS_PER_UPDATE
+                           UpdateOutcome(b, ALLOWED, 1000, 1_000_000, True)])
+    assert [e.node for e in entries if e.kind == "reward"] == [b]
+    assert len(g.failures) == 1 and g.failures[0][0] == a and "tokens" in g.failures[0][1]
+    assert g.ledger.balance(a) == 0 and g.reputation[a] == 0  # the refused entry changed nothing
+
+
+def test_joining_mints_nothing_and_the_start_grant_waits_for_a_verified_update(tmp_path):
+    g = governor(tmp_path)
+    node = NodeKey().node_id
+    assert g.admit(node, 0, address="127.0.0.1").allowed
+    assert g.ledger.entries == []  # no faucet
+    g.settle(1, [UpdateOutcome(node, ALLOWED, 1000, 1_000_000, True, verified=False)])
+    assert not g.ledger.has_grant(node)
+    g.settle(2, [UpdateOutcome(node, ALLOWED, 1000, 1_000_000, True, verified=True)])
+    kinds = [e.kind for e in g.ledger.entries]
+    assert kinds == ["reward", "reward", "grant", "stake"]  # the stake is posted from the grant at once
+    assert g.ledger.stake_of(node) == g.terms.stake_micro
+
+
+def test_joins_are_counted_per_address_and_a_returning_key_is_no_join(tmp_path):
+    g = governor(tmp_path)
+    for _ in range(60):
+        assert g.admit(NodeKey().node_id, 0, address="10.0.0.1").allowed
+    assert not g.admit(NodeKey().node_id, 0, address="10.0.0.1").allowed  # this address's new keys wait
+    assert g.admit(NodeKey().node_id, 0, address="10.0.0.2").allowed  # nobody else does
+    assert g.admit(NodeKey().node_id, 0, address="10.0.0.1", returning=True).allowed
+
+
+def test_identical_updates_are_copies_and_honest_neighbours_are_not():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(10_000).astype(np.float32)
+    neighbour = (base + rng.standard_normal(10_000).astype(np.float32)).astype(np.float32)  # cosine ~0.7
+    assert copy_of(base.copy(), {"name": "fp32"}, [neighbour, base])[0] == 1
+    assert copy_of(base * 1.01 + 1e-3, {"name": "fp32"}, [base]) is not None  # rescaled and nudged: still a copy
+    assert copy_of(neighbour, {"name": "fp32"}, [base]) is None
+    assert COPY_COSINE == 0.99
+
+
+def test_a_topk_copy_with_new_values_is_caught_by_its_support():
+    rng = np.random.default_rng(1)
+    original = np.zeros(10_000, np.float32)
+    support = rng.choice(10_000, 200, replace=False)
+    original[support] = rng.standard_normal(200)
+    forged = np.zeros_like(original)
+    forged[support] = rng.standard_normal(200)  # same coordinates, unrelated values: cosine near 0
+    honest = np.zeros_like(original)
+    honest[rng.choice(10_000, 200, replace=False)] = rng.standard_normal(200)
+    assert copy_of(forged, {"name": "topk"}, [original]) is not None
+    assert copy_of(forged, {"name": "fp32"}, [original]) is None
+    assert copy_of(honest, {"name": "topk"}, [original]) is None
