@@ -13,6 +13,9 @@ import time
 LINES_PER_SECOND = 5.0  # sustained rate of peer-caused lines, per limiter ...
 LINES_BURST = 20  # ... and at once: enough to see what a short burst of bad input was
 SUMMARY_EVERY_S = 10.0  # how soon after lines are held back a summary says how many
+# nodes joining and leaving: a live swarm's churn is logged in full, a flood of connections is not
+MEMBERSHIP_LINES_PER_SECOND = 20.0
+MEMBERSHIP_LINES_BURST = 200
 
 
 class LogLimiter:
@@ -30,6 +33,10 @@ class LogLimiter:
         self._tokens, self._refilled = float(burst), clock()
         self.suppressed = 0  # lines held back since the last summary
         self._summary_due: asyncio.TimerHandle | None = None
+
+    def info(self, msg: str, *args: object) -> bool:
+        """Log an info line if the budget allows; returns whether it was logged."""
+        return self._log(logging.INFO, msg, args, exc_info=False)
 
     def warning(self, msg: str, *args: object) -> bool:
         """Log a warning if the budget allows; returns whether it was logged."""

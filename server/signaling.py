@@ -17,7 +17,7 @@ from server import rtc
 from server.coordinator import Coordinator, NodeSession, new_nonce
 from server.keys import SignatureError, verify
 from server.link import DataChannelLink, FrameReceiver, WebSocketLink
-from server.log_limits import LogLimiter
+from server.log_limits import MEMBERSHIP_LINES_BURST, MEMBERSHIP_LINES_PER_SECOND, LogLimiter
 from shared.identity import signing_bytes
 from shared.wire import (Challenge, Error, Hello, IceCandidate, MalformedFrame, Message, PathSelect, Sdp, Welcome,
                          WireError, decode_message)
@@ -47,7 +47,8 @@ class SignalingServer:
         self.sockets: dict[str, WebSocket] = {}  # node id -> its signaling socket, for relaying
         self.peer_connections: set = set()
         self.pc_by_node: dict = {}  # node id -> its aiortc peer connection with us
-        self.peer_log = LogLimiter(log)  # every line a peer can cause goes through here
+        self.peer_log = LogLimiter(log)  # every line a peer can cause goes through here ...
+        self.membership_log = LogLimiter(log, MEMBERSHIP_LINES_PER_SECOND, MEMBERSHIP_LINES_BURST)  # ... or here
 
     @property
     def max_payload(self) -> int:
@@ -78,7 +79,7 @@ class SignalingServer:
                     pc = self.pc_by_node.pop(session.node_id, None)
                     if pc is not None:
                         await pc.close()
-                log.info("node %s left", session.node_id[:12])
+                self.membership_log.info("node %s left", session.node_id[:12])
 
     async def _disconnect(self, ws: WebSocket, session: NodeSession) -> None:
         """Close every link of a node the coordinator removed: its data channel and its signaling socket."""
@@ -161,7 +162,7 @@ class SignalingServer:
         except BaseException:  # the peer left, or the store failed: nothing of this session may stay
             self._forget(ws, session)
             raise
-        log.info("node %s joined (%s, %r)", hello.node_id[:12], hello.kind, hello.agent or "-")
+        self.membership_log.info("node %s joined (%s, %r)", hello.node_id[:12], hello.kind, hello.agent or "-")
         return session
 
     async def _serve(self, ws: WebSocket, session: NodeSession) -> None:
@@ -193,7 +194,7 @@ class SignalingServer:
         if path == "websocket":
             session.link = WebSocketLink(ws.send_text, ws.send_bytes,
                                          lambda: ws.application_state == WebSocketState.CONNECTED)
-            log.info("node %s uses the websocket fallback", session.node_id[:12])
+            self.membership_log.info("node %s uses the websocket fallback", session.node_id[:12])
             await self.coordinator.node_ready(session)
 
     async def _route_signal(self, ws: WebSocket, session: NodeSession, msg: Sdp | IceCandidate) -> None:
@@ -237,7 +238,7 @@ class SignalingServer:
 
             async def opened() -> None:
                 session.link = DataChannelLink(channel)
-                log.info("node %s data channel open", session.node_id[:12])
+                self.membership_log.info("node %s data channel open", session.node_id[:12])
                 await coordinator.node_ready(session)
 
             async def on_frame(frame) -> bool:

@@ -74,3 +74,12 @@ def test_in_a_sustained_flood_the_summary_comes_once_per_period_not_with_every_l
     asyncio.run(flood())
     assert messages(caplog) == ["second 0 line 0", "second 1 line 0", "second 2 line 0",
                                 "suppressed 27 similar lines (more than 1 per second)"]
+
+
+def test_info_lines_keep_their_level_and_share_the_budget(caplog):
+    caplog.set_level(logging.INFO, LOGGER)
+    now = [0.0]
+    limits = limiter(now, rate=1.0, burst=2)
+    assert [limits.info("node %d joined", i) for i in range(4)] == [True, True, False, False]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER] == [
+        (logging.INFO, "node 0 joined"), (logging.INFO, "node 1 joined")]
