@@ -21,12 +21,9 @@ import json
 import math
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +34,14 @@ from server.keys import NodeKey
 from shared import wire
 from shared.identity import signing_bytes
 from shared.wire import Error, Hello, Welcome, WireError, decode_message
+from server.coordinator import JOINS_PER_KEY_PER_MINUTE
+from server.signaling import CLOSE_POLICY
+from tests.conftest import Coordinator, only_loopback_interfaces
 
 LOOPBACK = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120.0
 REPLY_TIMEOUT_S = 30.0  # one connection's exchange; a coordinator this slow to answer is stuck
-JOINS_PER_MEMBER = 25  # below the coordinator's 30 reconnects per key and minute, however fast the run goes
-CLOSE_POLICY = 1008
+JOINS_PER_MEMBER = JOINS_PER_KEY_PER_MINUTE - 5  # below the coordinator's per-key limit, however fast the run goes
 
 
 class NotLoopbackError(RuntimeError):
@@ -165,17 +163,10 @@ def expected_code(frame: str | bytes, after_hello: bool) -> str | None:
 
 
 def require_loopback_namespace() -> None:
-    others = sorted({name for _, name in socket.if_nameindex()} - {"lo"})
-    if others:
-        raise NotLoopbackError(f"this process sees network interfaces {', '.join(others)}; run the bench in a "
+    if not only_loopback_interfaces():
+        raise NotLoopbackError("this process sees network interfaces other than lo; run the bench in a "
                                "loopback-only namespace: unshare -n sh -c 'ip link set lo up && python -m "
                                "bench.bench_fuzz'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -191,46 +182,14 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-class CoordinatorProcess:
-    def __init__(self, workdir: Path):
-        self.port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
-        self.log_path = workdir / "coordinator.log"
-        from server.simulate import simulation_rules  # here, not at the top: it imports torch, nothing else does
+def start_coordinator(workdir: Path) -> Coordinator:
+    """A coordinator process on 127.0.0.1 with a fresh data directory and the join-rate cap lifted (tests.conftest's
+    process, so that bench and tests start, watch and stop it one way)."""
+    from server.simulate import simulation_rules  # here, not at the top: it imports torch, nothing else does
 
-        rules = workdir / "rules.toml"
-        rules.write_text(simulation_rules())
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", LOOPBACK, "--port", str(self.port), "--data-dir",
-             str(workdir / "data"), "--round-deadline", "3600", "--rules", str(rules)],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the coordinator exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/api/status", timeout=5):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the coordinator did not answer within {READY_TIMEOUT_S:g} s")
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+    rules = workdir / "rules.toml"
+    rules.write_text(simulation_rules())
+    return Coordinator(workdir, workdir / "data", "--round-deadline", "3600", "--rules", str(rules))
 
 
 @dataclass
@@ -285,7 +244,7 @@ async def one_connection(url: str, frame: str | bytes | None, member: NodeKey | 
 
 class MemberPool:
     """Members for hellos: never one key on two connections at once (the second would replace the first), and
-    never one key more than JOINS_PER_MEMBER times in all (the coordinator refuses a key's 31st join in a minute)."""
+    never one key more than JOINS_PER_MEMBER times in all (the coordinator refuses a key's joins past JOINS_PER_KEY_PER_MINUTE)."""
 
     def __init__(self, keys: list[NodeKey]):
         self.free = deque(keys)
@@ -307,7 +266,7 @@ def members_needed(hellos: int, concurrency: int) -> int:
     return -(-hellos // JOINS_PER_MEMBER) + concurrency
 
 
-async def drive(url: str, connections, concurrency: int, tally: Tally, coordinator: CoordinatorProcess,
+async def drive(url: str, connections, concurrency: int, tally: Tally, coordinator: Coordinator,
                 members: MemberPool | None = None) -> float:
     """Run `connections` (an iterable of (frame, member, code); member True means one from `members`),
     `concurrency` at a time, until they run out or the coordinator dies; returns the seconds taken."""
@@ -386,15 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     require_loopback_namespace()
 
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
-        coordinator = CoordinatorProcess(Path(tmp))
+        coordinator = start_coordinator(Path(tmp))
         try:
-            coordinator.wait_ready()
+            coordinator.wait_ready(READY_TIMEOUT_S)
             return asyncio.run(measure(args, coordinator))
         finally:
             coordinator.stop()
 
 
-async def measure(args, coordinator: CoordinatorProcess) -> int:
+async def measure(args, coordinator: Coordinator) -> int:
     pid = coordinator.proc.pid
     members = [NodeKey() for _ in range(members_needed(int(args.frames * args.after_hello), args.concurrency))]
     warmup = Tally()  # every member's first join grants and stakes: before the clock starts
@@ -412,7 +371,7 @@ async def measure(args, coordinator: CoordinatorProcess) -> int:
     alive = coordinator.proc.poll() is None
     rss_after = rss_kib(pid) if alive else 0
     fuzz_cpu = cpu_seconds(pid) - cpu_start if alive else float("nan")
-    fuzz_log = coordinator.log_text().encode()[log_before:].decode(errors="replace")
+    fuzz_log = coordinator.output().encode()[log_before:].decode(errors="replace")
     log = log_breakdown(fuzz_log)
     log_bytes = sum(b for _, b in log.values())
 
