@@ -86,7 +86,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--verify-share", type=share_option, default=d.verify_share, metavar="SHARE",
                    help="the share of updates the coordinator re-executes to check the work was done, 0 to 1; "
-                        "a node's first update is always checked, as it earns the start grant "
+                        "the updates of nodes without reputation are checked first, as verified work earns the "
+                        "start grant and voting weight; 0 turns checks off and trusts accepted work "
                         "(default: %(default)s)")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: the --host address "

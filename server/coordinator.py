@@ -12,7 +12,6 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from server import aggregation, copies, spot_check
 from server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from server.corpus import Corpus
 from server.codecs import decode_numpy
-from server.governor import Governor, UpdateOutcome
+from server.governor import Governor, RecentJoins, UpdateOutcome
 from server.keys import NodeKey, SignatureError, verify
 from server.link import Link, LinkClosed
 from server.log_limits import LogLimiter
@@ -221,8 +220,7 @@ class Coordinator:
         # the assignments of recent rounds, without their updates: a late update is checked against its own
         self._assigned: dict[int, Assignments] = {}
         self._pending_payloads: dict[tuple[str, int], PendingUpdate] = {}
-        self._known_nodes = {n["id"] for n in self.store.nodes()}  # a reconnect of a known key is not a join
-        self._reconnects: dict[str, deque[float]] = {}  # node id -> its recent admissions
+        self._reconnects = RecentJoins()  # node id -> its admissions in the last minute
         self._spot_check_salt = secrets.token_bytes(32)  # which updates get re-executed: unpredictable to nodes
         self.intake_errors = 0  # settle and commit failures survived (each logged once, with its cause)
         self.peer_log = LogLimiter(log)  # lines a node's input can cause: rate-limited, so they cannot flood
@@ -303,20 +301,15 @@ class Coordinator:
             return Refusal("finished", "the job is finished")
         if node_id in self.policy.quarantined:
             return Refusal("denied", "quarantined: " + "; ".join(self.policy.quarantined[node_id].reasons))
-        now = time.time()
-        recent = self._reconnects.setdefault(node_id, deque())
-        while recent and now - recent[0] > 60.0:
-            recent.popleft()
-        if len(recent) >= JOINS_PER_KEY_PER_MINUTE:
-            return Refusal("busy", f"this key connected {len(recent)} times in the last minute; retry later")
-        for key in [k for k, q in self._reconnects.items() if not q and k != node_id]:
-            del self._reconnects[key]  # forget keys that have been quiet for a minute
+        recent = self._reconnects.count(node_id)
+        if recent >= JOINS_PER_KEY_PER_MINUTE:
+            return Refusal("busy", f"this key connected {recent} times in the last minute; retry later")
         decision = self.governor.admit(node_id, self.round, address=address,
-                                       returning=node_id in self._known_nodes)
+                                       returning=self.store.is_known_node(node_id))  # a known key coming back is no join
         if not decision.allowed:
             code = "busy" if decision.blocked_by == ["joins-per-minute"] else "denied"
             return Refusal(code, f"blocked by {', '.join(decision.blocked_by)}: {'; '.join(decision.reasons)}")
-        recent.append(now)
+        self._reconnects.add(node_id)
         return None
 
     def attach(self, session: NodeSession) -> None:
@@ -325,7 +318,6 @@ class Coordinator:
             old.state = "left"  # a reconnect replaces the old session; its link is dead or about to be
         self.sessions[session.node_id] = session
         self.store.touch_node(session.node_id, session.kind, session.agent)
-        self._known_nodes.add(session.node_id)
 
     def detach(self, session: NodeSession) -> None:
         session.state = "left"  # whatever it sends from now on is dropped (see _intake_open)
@@ -514,10 +506,6 @@ class Coordinator:
                 del self._pending_payloads[key]
                 log.info("dropped the update of %s for round %d: its payload did not arrive in time",
                          key[0][:12], pending.update.round + 1)
-
-    @property
-    def pending_payloads(self) -> int:
-        return len(self._pending_payloads)
 
     async def on_payload(self, session: NodeSession, header: PayloadHeader, data: bytes) -> None:
         if not self._intake_open(session):
@@ -732,12 +720,13 @@ class Coordinator:
     def _spot_check_sample(self, rnd: OpenRound, kept: list[AcceptedUpdate],
                            suspects: list[AcceptedUpdate]) -> list[AcceptedUpdate]:
         """Which updates to re-execute, at most MAX_SPOT_CHECKS a round, of those computed on this round's model
-        (their start is at hand): suspected copies first, then each node's first update (its verification pays
-        the start grant), then those a keyed hash samples at the job's verify share. None when the share is 0."""
+        (their start is at hand): suspected copies first, then the updates of nodes without reputation (a node's
+        first verified update pays its start grant and earns its first voting weight), then those a keyed hash
+        samples at the job's verify share. None when the share is 0."""
         if self.job.verify_share <= 0:
             return []
         on_time = [a for a in suspects + kept if a.update.round == rnd.round]
-        first = [a for a in on_time if a in suspects or not self.governor.ledger.has_grant(a.record.node_id)]
+        first = [a for a in on_time if a in suspects or self.governor.reputation[a.record.node_id] <= 0]
         sampled = [a for a in on_time if a not in first and self._sampled(a)]
         return (first + sampled)[:MAX_SPOT_CHECKS]
 
@@ -773,7 +762,8 @@ class Coordinator:
             index, a = accepted.get(key, (None, None))
             outcomes.append(UpdateOutcome(key[0], decision, tokens, qualities[index] if index is not None else 0,
                                           index is not None and index not in discarded,
-                                          verified=a is not None and a.verified, memo=rnd.evidence.get(key)))
+                                          verified=a is not None and (a.verified or self.job.verify_share == 0),
+                                          memo=rnd.evidence.get(key)))  # with checks off, accepted work is trusted
         # each record keeps what its reward was computed from, so that `ledger verify` can recompute it
         reward_inputs = {id(a.record): (qualities[i], i not in discarded) for i, a in enumerate(rnd.accepted)}
         rnd.records = [replace(r, quality_ppm=reward_inputs[id(r)][0], aggregated=reward_inputs[id(r)][1])

@@ -20,6 +20,33 @@ from shared.rewards import (InsufficientFunds, Ledger, LedgerError, LedgerEntry,
 
 JOIN_WINDOW_S = 60.0
 
+
+class RecentJoins:
+    """When each key (an address, a node id) joined within the last `window_s` seconds. Keys that have been quiet
+    for a whole window are forgotten, so memory follows the recent joiners, never everyone ever seen."""
+
+    def __init__(self, window_s: float = JOIN_WINDOW_S, clock=time.time):
+        self.window_s, self.clock = window_s, clock
+        self._times: dict[str, deque[float]] = {}
+        self._swept = clock()
+
+    def count(self, key: str) -> int:
+        """Joins of `key` within the window."""
+        now = self.clock()
+        if now - self._swept > self.window_s:  # at most once a window: drop every key gone quiet
+            self._times = {k: q for k, q in self._times.items() if now - q[-1] <= self.window_s}
+            self._swept = now
+        times = self._times.get(key)
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return len(times) if times else 0
+
+    def add(self, key: str) -> None:
+        self._times.setdefault(key, deque()).append(self.clock())
+
+    def __len__(self) -> int:
+        return len(self._times)
+
 # job parameters that the command line sets for a new job (names as governance knows them)
 GOVERNED_FROM_CLI = ("inner_steps", "lr", "batch", "aggregator", "deadline_seconds", "outer_lr", "outer_momentum")
 
@@ -73,7 +100,7 @@ class Governor:
         self.ledger = Ledger.from_entries(store.ledger_entries())
         self.reputation = Reputation.from_dict(store.get_meta("reputation") or {})
         self._committed_entries = len(self.ledger.entries)
-        self._joins: dict[str, deque[float]] = {}  # address -> when new keys from it joined, last minute
+        self._joins = RecentJoins()  # address -> when new keys from it joined
         self.failures: list[tuple[str, str]] = []  # the last settle's refused entries: (node id, why)
         self._leaving: set[str] = set()  # nodes that left cleanly: their stake returns when the round closes
 
@@ -91,21 +118,15 @@ class Governor:
         """Check the admission rules. Joins are counted per address, and a known key coming back is no join, so
         one peer's reconnects or key flood cannot lock out the others. Nothing is paid for joining: the start
         grant waits for the node's first verified update (settle), and its stake comes from there."""
-        now = time.time()
-        joins = self._joins.setdefault(address, deque())
-        while joins and now - joins[0] > JOIN_WINDOW_S:
-            joins.popleft()
-        for other in [a for a, q in self._joins.items() if not q and a != address]:
-            del self._joins[other]  # addresses quiet for a minute are forgotten
         decision = self.governance.validate(
-            "admission", {"node_id": node_id, "joins_last_minute": 0 if returning else len(joins),
+            "admission", {"node_id": node_id, "joins_last_minute": 0 if returning else self._joins.count(address),
                           "reputation": self.reputation[node_id]},
             round=round_, subject=node_id)
         if not decision.allowed:
             return decision
         self._leaving.discard(node_id)  # back before its round closed: the stake it holds stays posted
         if not returning:
-            joins.append(now)
+            self._joins.add(address)
         return decision
 
     # -- updates -------------------------------------------------------------------------------------------
@@ -122,9 +143,11 @@ class Governor:
         terms = self.terms
         for o in outcomes:
             try:
+                # voting weight only for verified work: a node earns reputation from an update that was verified,
+                # or once an earlier verified one gave it some; a fresh key's unchecked updates earn it none
                 booked = settle_update(self.ledger, self.reputation, o.node_id, o.decision, round=round_,
                                        terms=terms, tokens=o.tokens, quality=o.quality_ppm, aggregated=o.aggregated,
-                                       memo=o.memo)
+                                       memo=o.memo, earns_reputation=o.verified or self.reputation[o.node_id] > 0)
                 if booked and booked[-1].kind == "reward":
                     booked += self._stake_from_earnings(o, round_, terms)
             except (LedgerError, GovernanceError) as e:

@@ -382,9 +382,6 @@ class Ledger:
         self._granted.add(node)
         return entry
 
-    def has_grant(self, node: str) -> bool:
-        return node in self._granted
-
     def post_stake(self, node: str, *, round: int, terms: RewardTerms) -> LedgerEntry | None:
         """Top the node's escrow up to stake_micro (after a slash it owes the difference). None if full."""
         owed = terms.stake_micro - self.stake_of(node)
@@ -505,20 +502,23 @@ class Reputation:
 
 def settle_update(ledger: Ledger, reputation: Reputation, node: str, decision: Decision, *, round: int,
                   terms: RewardTerms, tokens: int = 0, quality: int | Fraction = 0, aggregated: bool = True,
-                  memo: Mapping | None = None) -> list[LedgerEntry]:  # fmt: skip
+                  memo: Mapping | None = None, earns_reputation: bool = True) -> list[LedgerEntry]:  # fmt: skip
     """Book an update after governance decided on it (and, if allowed, the aggregator used it or not).
 
     allowed and aggregated       -> reward (tokens x quality, less the fee), reputation "accepted"
     allowed but not aggregated   -> no money, reputation "discarded" (late, or trimmed by a robust rule)
     blocked by a rule with slash -> slash of the escrow naming those rules, reputation "slashed"
     blocked otherwise            -> no money, reputation "rejected"
-    The ledger entry is made first, so a refused entry leaves reputation untouched too.
+    earns_reputation False keeps an allowed, aggregated update's reputation where it is (the coordinator's
+    policy for work not yet verified: see Governor.settle). The ledger entry is made first, so a refused entry
+    leaves reputation untouched too.
     """
     if decision.action != "update":
         raise LedgerError(f"settle_update books update decisions, got a {decision.action!r} decision")
     if decision.allowed and aggregated:
         entry = ledger.reward(node, tokens=tokens, quality=quality, round=round, terms=terms, memo=memo)
-        reputation.record(node, "accepted", quality)
+        if earns_reputation:
+            reputation.record(node, "accepted", quality)
         return [entry] if entry is not None else []
     if decision.allowed:
         check_node(node)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.copies import COPY_COSINE, copy_of
-from server.governor import Governor, UpdateOutcome
+from server.governor import Governor, RecentJoins, UpdateOutcome
 from server.keys import NodeKey
 from server.store import Store
 from shared.rules import Decision, Verdict
@@ -34,11 +34,23 @@ def test_joining_mints_nothing_and_the_start_grant_waits_for_a_verified_update(t
     assert g.admit(node, 0, address="127.0.0.1").allowed
     assert g.ledger.entries == []  # no faucet
     g.settle(1, [UpdateOutcome(node, ALLOWED, 1000, 1_000_000, True, verified=False)])
-    assert not g.ledger.has_grant(node)
+    assert [e.kind for e in g.ledger.entries] == ["reward"]  # paid for its tokens, but no grant yet
     g.settle(2, [UpdateOutcome(node, ALLOWED, 1000, 1_000_000, True, verified=True)])
     kinds = [e.kind for e in g.ledger.entries]
     assert kinds == ["reward", "reward", "grant", "stake"]  # the stake is posted from the grant at once
     assert g.ledger.stake_of(node) == g.terms.stake_micro
+
+
+def test_voting_weight_waits_for_verified_work(tmp_path):
+    g = governor(tmp_path)
+    sybil, honest = NodeKey().node_id, NodeKey().node_id
+    for r in range(1, 4):  # accepted, unchecked updates from a key that never had one verified
+        g.settle(r, [UpdateOutcome(sybil, ALLOWED, 1000, 1_000_000, True, verified=False)])
+    assert g.reputation[sybil] == 0 and g.reputation.weights().get(sybil, 0) == 0
+    g.settle(4, [UpdateOutcome(honest, ALLOWED, 1000, 1_000_000, True, verified=True)])
+    first = g.reputation[honest]
+    g.settle(5, [UpdateOutcome(honest, ALLOWED, 1000, 1_000_000, True, verified=False)])  # sampled out later
+    assert 0 < first < g.reputation[honest]
 
 
 def test_joins_are_counted_per_address_and_a_returning_key_is_no_join(tmp_path):
@@ -72,3 +84,14 @@ def test_a_topk_copy_with_new_values_is_caught_by_its_support():
     assert copy_of(forged, {"name": "topk"}, [original]) is not None
     assert copy_of(forged, {"name": "fp32"}, [original]) is None
     assert copy_of(honest, {"name": "topk"}, [original]) is None
+
+
+def test_recent_joins_count_within_the_window_and_forget_keys_gone_quiet():
+    now = [0.0]
+    joins = RecentJoins(window_s=60.0, clock=lambda: now[0])
+    for i in range(1000):  # a thousand keys join once each
+        joins.add(f"key-{i}")
+    joins.add("key-0")
+    assert joins.count("key-0") == 2 and joins.count("key-1") == 1 and len(joins) == 1000
+    now[0] = 61.0
+    assert joins.count("key-0") == 0 and len(joins) == 0  # a window later, nothing of them is held

@@ -106,7 +106,7 @@ def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_vo
         assert rows[node_id][2] == 0 and rows[node_id][3].startswith(rule + ":")
     kinds = [e["kind"] for e in rewards_of(coordinator, original)]
     assert kinds.count("reward") == 1
-    assert kinds.count("grant") == (verify_share != "0")  # the start grant waits for a verified update
+    assert kinds.count("grant") == 1  # verified by re-execution (or, with checks off, trusted as accepted)
     for node_id in copies:
         assert rewards_of(coordinator, node_id) == []
     reputation = {n["id"]: n["reputation"] for n in coordinator.status()["nodes"]}
@@ -145,8 +145,8 @@ def test_a_quarantined_node_is_disconnected_and_refused_when_it_returns(coordina
         verdicts, closed = [], False
         for _ in range(4):  # each NaN update is slashed (-100 reputation); below -200 the node is quarantined
             try:
-                assignment = await hostile.receive(RoundOpen, timeout=15)
-            except (websockets.exceptions.ConnectionClosed, asyncio.TimeoutError):
+                assignment = await hostile.receive(RoundOpen, timeout=120)
+            except websockets.exceptions.ConnectionClosed:  # what the coordinator decided; a timeout fails the test
                 closed = True
                 break
             params = await hostile.model(assignment)
@@ -213,13 +213,13 @@ def test_a_trainer_refused_by_a_join_limit_retries_instead_of_exiting(processes,
 
     run(first())
     trainer = processes.trainer(coordinator.url, "--transport", "websocket")
-    deadline = time.time() + 60
-    while "cannot take this node now" not in trainer.output() and time.time() < deadline:
-        assert trainer.proc.poll() is None, trainer.output()
+    deadline = time.time() + 120
+    # refused twice means it came back after the first refusal instead of exiting (a slow machine only waits)
+    while trainer.output().count("cannot take this node now") < 2 and time.time() < deadline:
+        assert trainer.proc.poll() is None, f"the trainer exited on a passing refusal:\n{trainer.output()}"
         time.sleep(0.5)
-    time.sleep(2)
-    assert trainer.proc.poll() is None, f"the trainer exited on a passing refusal:\n{trainer.output()}"
-    assert "[busy]" in trainer.output()
+    assert trainer.output().count("cannot take this node now: [busy]") >= 2, trainer.output()
+    assert trainer.proc.poll() is None
 
 
 def test_announced_updates_without_payloads_are_bounded_and_freed(coordinator):
@@ -232,8 +232,12 @@ def test_announced_updates_without_payloads_are_bounded_and_freed(coordinator):
         held = coordinator.status()["intake"]["pending_payloads"]
         for node in nodes:
             await node.ws.close()
-        await asyncio.sleep(1.0)
-        return held, coordinator.status()["intake"]["pending_payloads"]
+        for _ in range(600):  # until the coordinator has seen the sockets close (a minute at most)
+            after = coordinator.status()["intake"]["pending_payloads"]
+            if after == 0:
+                break
+            await asyncio.sleep(0.1)
+        return held, after
 
     held, after = run(scenario())
     assert held == 12  # one per node and round: the other 168 were refused as replays of it
