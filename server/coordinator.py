@@ -678,14 +678,10 @@ class Coordinator:
         are re-executed from their own assignments. One that does not reproduce is slashed, with the evidence; a
         suspect that was not re-executed is paid nothing and costs its sender reputation, while one that
         reproduces is honest agreement and stays. Overruled updates leave the aggregate. Runs in a worker thread."""
-        kept: list[AcceptedUpdate] = []
-        suspects: list[tuple[AcceptedUpdate, AcceptedUpdate, str]] = []  # (update, the one it copies, the measure)
-        for a in rnd.accepted:
-            copied = copies.copy_of(a.values, a.update.codec, [k.values for k in kept])
-            if copied is None:
-                kept.append(a)
-            else:
-                suspects.append((a, kept[copied[0]], copied[1]))
+        found = copies.find_copies([a.values for a in rnd.accepted], [a.update.codec for a in rnd.accepted])
+        kept = [a for i, a in enumerate(rnd.accepted) if i not in found]
+        # (update, the one it copies, the measure)
+        suspects = [(rnd.accepted[i], rnd.accepted[j], measure) for i, (j, measure) in sorted(found.items())]
         for a in self._spot_check_sample(rnd, kept, [s for s, _, _ in suspects]):
             verdict = self._spot_check(rnd, a)
             if verdict is None:

@@ -7,6 +7,7 @@ on anything weaker than the thresholds below: an honest node flagged as a copier
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Two honest nodes train on different shards with different batch seeds: their pseudo-gradients agree in
 # direction (the loss falls for both) but not to this degree. In the simulator's honest runs (tiny model,
@@ -17,13 +18,15 @@ COPY_COSINE = 0.99
 COPY_SUPPORT_OVERLAP = 0.95
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity in float64 (0 when either vector is zero)."""
-    na = float(np.linalg.norm(a.astype(np.float64)))
-    nb = float(np.linalg.norm(b.astype(np.float64)))
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a.astype(np.float64), b.astype(np.float64)) / (na * nb))
+def cosines(rows: list[np.ndarray]) -> np.ndarray:
+    """Every pair's cosine similarity (0 where a vector is zero), from one float32 Gram matrix: a round's n
+    updates cost one n x n x d product (torch's threads), never a pass per pair. float32 sums are accurate to
+    far better than the margin between honest agreement and COPY_COSINE."""
+    matrix = torch.from_numpy(np.stack([np.asarray(r, np.float32) for r in rows]))
+    gram = (matrix @ matrix.T).double().numpy()
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    scale = np.outer(norms, norms)
+    return np.divide(gram, scale, out=np.zeros_like(gram), where=scale > 0)
 
 
 def support_overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,19 +36,28 @@ def support_overlap(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if union == 0 else np.intersect1d(sa, sb, assume_unique=True).size / union
 
 
-def copy_of(values: np.ndarray, codec: dict, earlier: list[np.ndarray]) -> tuple[int, str] | None:
-    """(index into `earlier`, the measure that matched) of the first earlier update this one copies, or None.
+def find_copies(rows: list[np.ndarray], codecs: list[dict]) -> dict[int, tuple[int, str]]:
+    """For each update (in arrival order) that copies an earlier one: index -> (the index of the first earlier
+    update it copies that is no copy itself, the measure that matched).
 
     Dense updates are compared by cosine; top-k updates also by how much their transmitted coordinates overlap.
     A zero update copies nothing: it carries no work to copy, and the rules judge it on its own.
     """
-    sparse = codec.get("name") == "topk"
-    for index, other in enumerate(earlier):
-        c = cosine(values, other)
-        if c > COPY_COSINE:
-            return index, f"cosine {c:.4f} > {COPY_COSINE}"
-        if sparse:
-            overlap = support_overlap(values, other)
+    if len(rows) < 2:
+        return {}
+    similarity = cosines(rows)
+    found: dict[int, tuple[int, str]] = {}
+    originals: list[int] = []
+    for i in range(len(rows)):
+        sparse = codecs[i].get("name") == "topk"
+        for j in originals:
+            if similarity[i, j] > COPY_COSINE:
+                found[i] = (j, f"cosine {similarity[i, j]:.4f} > {COPY_COSINE}")
+                break
+            overlap = support_overlap(rows[i], rows[j]) if sparse else 0.0
             if overlap > COPY_SUPPORT_OVERLAP:
-                return index, f"{overlap:.1%} of the same coordinates > {COPY_SUPPORT_OVERLAP:.0%}"
-    return None
+                found[i] = (j, f"{overlap:.1%} of the same coordinates > {COPY_SUPPORT_OVERLAP:.0%}")
+                break
+        else:
+            originals.append(i)
+    return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.copies import COPY_COSINE, copy_of
+from server.copies import COPY_COSINE, find_copies
 from server.governor import Governor, RecentJoins, UpdateOutcome
 from server.keys import NodeKey
 from server.store import Store
@@ -66,10 +66,18 @@ def test_identical_updates_are_copies_and_honest_neighbours_are_not():
     rng = np.random.default_rng(0)
     base = rng.standard_normal(10_000).astype(np.float32)
     neighbour = (base + rng.standard_normal(10_000).astype(np.float32)).astype(np.float32)  # cosine ~0.7
-    assert copy_of(base.copy(), {"name": "fp32"}, [neighbour, base])[0] == 1
-    assert copy_of(base * 1.01 + 1e-3, {"name": "fp32"}, [base]) is not None  # rescaled and nudged: still a copy
-    assert copy_of(neighbour, {"name": "fp32"}, [base]) is None
-    assert COPY_COSINE == 0.99
+    dense = {"name": "fp32"}
+    rows = [neighbour, base, base.copy(), base * 1.01 + 1e-3, np.zeros_like(base)]
+    found = find_copies(rows, [dense] * len(rows))
+    assert sorted(found) == [2, 3] and found[2][0] == found[3][0] == 1  # rescaled and nudged: still a copy of 1
+    assert "cosine" in found[2][1] and COPY_COSINE == 0.99
+
+
+def test_a_copy_of_a_copy_is_traced_to_the_original():
+    rng = np.random.default_rng(2)
+    original = rng.standard_normal(1000).astype(np.float32)
+    assert find_copies([original, original.copy(), original.copy()], [{"name": "fp32"}] * 3) == {
+        1: (0, "cosine 1.0000 > 0.99"), 2: (0, "cosine 1.0000 > 0.99")}
 
 
 def test_a_topk_copy_with_new_values_is_caught_by_its_support():
@@ -81,9 +89,10 @@ def test_a_topk_copy_with_new_values_is_caught_by_its_support():
     forged[support] = rng.standard_normal(200)  # same coordinates, unrelated values: cosine near 0
     honest = np.zeros_like(original)
     honest[rng.choice(10_000, 200, replace=False)] = rng.standard_normal(200)
-    assert copy_of(forged, {"name": "topk"}, [original]) is not None
-    assert copy_of(forged, {"name": "fp32"}, [original]) is None
-    assert copy_of(honest, {"name": "topk"}, [original]) is None
+    topk, fp32 = {"name": "topk"}, {"name": "fp32"}
+    assert find_copies([original, forged], [topk, topk]) == {1: (0, "100.0% of the same coordinates > 95%")}
+    assert find_copies([original, forged], [fp32, fp32]) == {}
+    assert find_copies([original, honest], [topk, topk]) == {}
 
 
 def test_recent_joins_count_within_the_window_and_forget_keys_gone_quiet():
