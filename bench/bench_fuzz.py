@@ -34,8 +34,8 @@ from server.keys import NodeKey
 from shared import wire
 from shared.identity import signing_bytes
 from shared.wire import Error, Hello, Welcome, WireError, decode_message
-from server.coordinator import JOINS_PER_KEY_PER_MINUTE
-from server.signaling import CLOSE_POLICY
+from server.coordinator.coordinator import JOINS_PER_KEY_PER_MINUTE
+from server.net.signaling import CLOSE_POLICY
 from tests.conftest import Coordinator, only_loopback_interfaces
 
 LOOPBACK = "127.0.0.1"
@@ -185,7 +185,7 @@ def rss_kib(pid: int) -> int:
 def start_coordinator(workdir: Path) -> Coordinator:
     """A coordinator process on 127.0.0.1 with a fresh data directory and the join-rate cap lifted (tests.conftest's
     process, so that bench and tests start, watch and stop it one way)."""
-    from server.simulate import simulation_rules  # here, not at the top: it imports torch, nothing else does
+    from server.sim import simulation_rules  # here, not at the top: it imports torch, nothing else does
 
     rules = workdir / "rules.toml"
     rules.write_text(simulation_rules())

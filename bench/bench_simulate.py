@@ -8,7 +8,7 @@ usage: python -m bench.bench_simulate [--workers 12] [--byzantine 0.34] [--round
        [--aggregators mean,median,...]
        [--codecs fp32 fp16 int8 int8:deflate=false topk topk:deflate=false] [--json]
 
-Every run is `server.simulate.run_simulation` (the real coordinator, real codecs and rules) with the same seed,
+Every run is `server.sim.run_simulation` (the real coordinator, real codecs and rules) with the same seed,
 so the honest workers see the same batches in every run; only the attackers, the rule and the codec change.
 A ratio is final validation loss / the clean mean run's; bytes are what the coordinator recorded per round.
 """
@@ -21,7 +21,7 @@ import logging
 import time
 
 from server.aggregation import RULES
-from server.simulate import ATTACKS, SimOptions, run_simulation
+from server.sim import ATTACKS, SimOptions, run_simulation
 
 DEFAULT_CODECS = ["fp32", "fp16", "int8:deflate=false", "int8", "topk:deflate=false", "topk"]
 """Every codec as a job names it (int8 and topk deflate by default), and without deflate, to see what it adds."""

@@ -26,7 +26,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect as websocket_connect
 
-from server.rtc import new_peer_connection, restrict_ice_hosts
+from server.net.rtc import new_peer_connection, restrict_ice_hosts
 from shared.wire import MAX_MESSAGE_BYTES  # the largest data-channel message both browsers and aiortc accept
 
 LOOPBACK = "127.0.0.1"
@@ -104,7 +104,7 @@ def require_loopback_only(sdp: str, who: str) -> None:
     if others:
         raise NotLoopbackError(
             f"the {who} offers ICE candidates on {', '.join(others)}; this bench may only use {LOOPBACK}. "
-            "Check that server.rtc.restrict_ice_hosts([\"127.0.0.1\"]) ran before the peer connections were made."
+            "Check that server.net.rtc.restrict_ice_hosts([\"127.0.0.1\"]) ran before the peer connections were made."
         )
 
 

@@ -369,7 +369,7 @@ class BrowserNode:
                         "0" * 128, seconds)
         signature = await self._sign(signing_bytes("update", update.signing_fields()))
         update = dataclasses.replace(update, signature=signature)
-        # the signed Update, then its payload, with nothing in between (as server/link.py's send_payload)
+        # the signed Update, then its payload, with nothing in between (as server/net/link.py's send_payload)
         await self._send(update.encode())
         await self._send(header.encode())
         for chunk in chunks:

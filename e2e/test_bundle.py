@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from server.bundle import build_bundle
+from server.net.bundle import build_bundle
 
 
 def test_bundle_bytes_depend_only_on_the_source_files():

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from server.keys import NodeKey, SignatureError, verify
-from server.store import OutdatedSchema, RoundRecord, Store
+from server.coordinator.store import OutdatedSchema, RoundRecord, Store
 from shared.governance import Proposal, Vote
 from shared.identity import validate_node_id
 from shared.rewards import (ChainFault, LedgerError, check_anchors, check_chain, check_rewards, round_record_bytes,

@@ -15,44 +15,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from server.options import CODEC_HELP, codec_option, int_at_least, share_option
+
 COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`, with a clear message otherwise."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
-        return value
-
-    return parse
-
-
-def share_option(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
-    return value
-
-
-def codec_option(text: str) -> str:
-    """An argparse type: a codec option, `name[:key=value,...]`, checked by shared.compress.parse_codec."""
-    from shared import compress
-
-    try:
-        compress.parse_codec(text)
-    except compress.CodecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-CODEC_HELP = ("how nodes send pseudo-gradients: fp32, fp16, int8 or topk, optionally with parameters, e.g. "
-              "int8:block=128 or topk:fraction=0.01,deflate=false (int8 and topk deflate by default)")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -140,8 +105,8 @@ def serve(argv: list[str]) -> int:
     _logging(args.log_level)
     import uvicorn
 
-    from server import rtc
-    from server.app import create_app
+    from server.net import rtc
+    from server.net.app import create_app
     from server.coordinator import Coordinator, JobConfig, JobMismatch
     from server.corpus import CorpusError, load_corpus
     from shared.wire import MAX_MESSAGE_BYTES
@@ -235,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(books_cli, command)(argv)
     if command == "simulate":
-        from server import simulate
+        from server import sim
 
-        return simulate.main(argv)
+        return sim.main(argv)
     return {"serve": serve, "trainer": trainer, "status": status}[command](argv)

@@ -23,9 +23,9 @@ import torch
 import websockets
 import websockets.exceptions  # named in run()'s except clause before any connection has loaded it
 
-from server import rtc
+from server.net import rtc
 from server.keys import NodeKey, SignatureError, verify
-from server.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSocketLink
+from server.net.link import DataChannelLink, FrameReceiver, Link, LinkClosed, WebSocketLink
 from server.codecs import TorchErrorFeedback
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.training import byte_tensor, inner_steps

@@ -1,6 +1,6 @@
 """Aggregation rules for pseudo-gradients, as pure-Python references that state each rule's contract.
 
-The coordinator runs fast numpy/torch versions (server/aggregation.py); tests prove they equal these.
+The coordinator runs fast numpy/torch versions (server/aggregation/); tests prove they equal these.
 Never mutate the inputs, and never aggregate an input that is not finite.
 
 Every rule has one call signature, ``rule(updates, weights=None, f=0, **params) -> Aggregate``:
@@ -293,4 +293,4 @@ RULES: dict[str, Rule] = {
     "multikrum": multi_krum,
     "cclip": centered_clip,
 }
-"""Rule name (as a job's config and governance name it) -> reference rule. Same names in server/aggregation.py."""
+"""Rule name (as a job's config and governance name it) -> reference rule. Same names in server/aggregation/."""

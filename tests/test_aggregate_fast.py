@@ -1,4 +1,4 @@
-"""server/aggregation.py's fast rules return what shared/aggregate.py's references return."""
+"""server/aggregation/'s fast rules return what shared/aggregate.py's references return."""
 
 import math
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server import aggregation as fast
-from server import aggregation_kernels as kernels
+from server.aggregation import kernels
 from shared import aggregate as reference
 from shared.aggregate import AggregationError, NonFiniteInputError
 

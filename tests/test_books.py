@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from server.books_cli import audit_books
-from server.governor import Governor, UpdateOutcome
+from server.coordinator.governor import Governor, UpdateOutcome
 from server.keys import NodeKey
-from server.store import RoundRecord, Store, UpdateRecord
+from server.coordinator.store import RoundRecord, Store, UpdateRecord
 from shared.rewards import LedgerEntry, round_record_bytes
 from tests.test_rewards import reforge
 

@@ -1,5 +1,5 @@
 """Audit log, signing bytes, proposals, reputation-weighted votes, changes at round boundaries, and who may
-propose and vote at the coordinator (server/governor.py, with a real store)."""
+propose and vote at the coordinator (server/coordinator/governor.py, with a real store)."""
 
 import dataclasses
 import json
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.governor import Governor
+from server.coordinator.governor import Governor
 from server.keys import NodeKey
-from server.store import Store
+from server.coordinator.store import Store
 from shared.governance import (
     MAX_OPEN_PROPOSALS_PER_NODE,
     MAX_VOTES_PER_NODE_PER_ROUND,

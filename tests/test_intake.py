@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.copies import COPY_COSINE, find_copies
-from server.governor import Governor, RecentJoins, UpdateOutcome
+from server.coordinator.copies import COPY_COSINE, find_copies
+from server.coordinator.governor import Governor, RecentJoins, UpdateOutcome
 from server.keys import NodeKey
-from server.store import Store
+from server.coordinator.store import Store
 from shared.rules import Decision, Verdict
 
 ALLOWED = Decision("update", (Verdict("finite-values", True, "", True),))

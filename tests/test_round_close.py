@@ -1,7 +1,7 @@
 """An update that arrives while its round is being aggregated counts once, in the next round, as a late one;
 the node's own update for that next round counts as well.
 
-The real coordinator with simulated workers over in-process links (server/simulate.py), so the frames are the
+The real coordinator with simulated workers over in-process links (server/sim/), so the frames are the
 real signed Updates and payloads; the straggler's deadline is passed by hand to make the race deterministic.
 """
 
@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from server.coordinator import STALE_WEIGHT
+from server.coordinator.coordinator import STALE_WEIGHT
 from server.corpus import load_corpus
-from server.simulate import SimOptions, Simulation
+from server.sim import SimOptions, Simulation
 
 
 async def straggler_lands_while_the_round_closes(data_dir):

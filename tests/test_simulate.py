@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from server.simulate import SimOptions, SimulationError, alie_z, main, run_simulation
+from server.sim import SimOptions, SimulationError, alie_z, main, run_simulation
 
 # Early-training setting: long enough for the clean run to fall from 5.5 to about 3.2, short enough that a
 # swarm slowed by attackers has not caught up. A 3 MB corpus keeps every shard Python source (the standard

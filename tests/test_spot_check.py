@@ -15,7 +15,7 @@ from browser.browser_node import sample_batches
 from kernels.trainer import DeviceTrainer
 from server.codecs import TorchErrorFeedback, decode_numpy
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
-from server.spot_check import TOLERANCE, SpotCheckError, judge, reexecute
+from server.coordinator.spot_check import TOLERANCE, SpotCheckError, judge, reexecute
 from server.trainer import Trainer, TrainerOptions
 from server.training import byte_tensor
 from shared import compress

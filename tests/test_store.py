@@ -8,8 +8,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from server.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
-from server.store import OutdatedSchema, RoundRecord, Store, UpdateRecord
+from server.coordinator.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+from server.coordinator.store import OutdatedSchema, RoundRecord, Store, UpdateRecord
 
 
 def record(round_: int) -> RoundRecord:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from aiortc import RTCSessionDescription
 
 from bench.bench_fuzz import expected_code
-from server import rtc
+from server.net import rtc
 from server.keys import NodeKey
 from shared import wire
 from shared.identity import signing_bytes

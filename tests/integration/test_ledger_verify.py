@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from server.keys import NodeKey
-from server.store import Store
+from server.coordinator.store import Store
 from tests.conftest import ROOT
 from tests.test_books import overpay, rewrite_books
 

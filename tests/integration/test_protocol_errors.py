@@ -89,7 +89,7 @@ async def honest_update(coordinator, client: Client, assignment: RoundOpen, para
     as a trainer computes it (what a spot check re-executes)."""
     import urllib.request
 
-    from server.spot_check import reexecute
+    from server.coordinator.spot_check import reexecute
     from shared.model import model_config
 
     with urllib.request.urlopen(f"{coordinator.url}/api/shards/{assignment.shard}", timeout=10) as r:

@@ -25,7 +25,7 @@ so results do not depend on the thread count. The kernels check finiteness as th
 check_finite to name a bad input; as in the references, a non-finite input is reported before a bad
 argument.
 
-The kernels live in server/aggregation_kernels.py; they compile on their first call (about 15 s for all of
+The kernels live in server/aggregation/kernels.py; they compile on their first call (about 15 s for all of
 them on one core) and are cached on disk (numba's cache=True).
 """
 
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from server import aggregation_kernels as kernels
+from server.aggregation import kernels
 from shared.aggregate import (
     CCLIP_DEFAULT_ITERATIONS,
     CCLIP_TAU_MEDIAN_MULTIPLE,

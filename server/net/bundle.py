@@ -13,7 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 # (source folder, folder inside the zip, file suffixes shipped)
 BUNDLE_SOURCES = (
     ("shared", "shared", (".py", ".toml")),

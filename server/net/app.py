@@ -18,15 +18,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from server.bundle import BundleCache, bundle_endpoint
+from server.net.bundle import BundleCache, bundle_endpoint
 from server.coordinator import Coordinator
 from shared.governance import NotEligibleError, Proposal, Vote
-from server.signaling import SignalingServer
+from server.net.signaling import SignalingServer
 from shared.wire import LimitExceeded, WireError, parse_json
 
 log = logging.getLogger("swarmgrad.app")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 BROWSER_DIR = PROJECT_ROOT / "browser"
 PYODIDE_DIR = PROJECT_ROOT / "node_modules" / "pyodide"
 

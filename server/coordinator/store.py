@@ -2,7 +2,7 @@
 governance proposals and votes (one row each).
 
 All SQL lives here, so another database (PostgreSQL for large deployments) can replace this one module.
-Never commit a round without its checkpoint already on disk (see server/checkpoint.py).
+Never commit a round without its checkpoint already on disk (see server/coordinator/checkpoint.py).
 """
 
 from __future__ import annotations

@@ -28,12 +28,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server import aggregation
-from server.cli import CODEC_HELP, codec_option, int_at_least, share_option
+from server.options import CODEC_HELP, codec_option, int_at_least, share_option
 from server.codecs import TorchErrorFeedback
 from server.coordinator import Coordinator, JobConfig, NodeSession
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
 from server.keys import NodeKey, SignatureError, verify
-from server.link import FrameReceiver, Link, LinkClosed
+from server.net.link import FrameReceiver, Link, LinkClosed
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.training import byte_tensor, inner_steps
 from shared import compress
@@ -155,7 +155,7 @@ def corrupt(attack: str, honest: list[torch.Tensor], byzantine: list[int], gen: 
     signflip: -g (the honest norm). noise: a Gaussian direction at the honest norm. scale: g x scale_factor.
     alie: every attacker sends mean - z * std of the round's honest updates, coordinate-wise (the colluders
     are omniscient: Baruch et al.'s strongest setting), each with its own small Gaussian perturbation: identical
-    vectors would be refused as copies of one another (server/copies.py) before any aggregation rule saw them.
+    vectors would be refused as copies of one another (server/coordinator/copies.py) before any aggregation rule saw them.
     """
     if attack == "alie":
         stacked = torch.stack(honest).double()
@@ -520,7 +520,7 @@ def simulation_rules() -> str:
     text = (Path(compress.__file__).parent / "default_rules.toml").read_text()
     if JOIN_RULE_DEFAULT not in text:
         raise SimulationError("shared/default_rules.toml no longer has the joins-per-minute rule the simulator "
-                              "lifts; update server/simulate.py's JOIN_RULE_DEFAULT")
+                              "lifts; update server/sim/'s JOIN_RULE_DEFAULT")
     return text.replace(JOIN_RULE_DEFAULT, JOIN_RULE_SIMULATED)
 
 

@@ -1,4 +1,4 @@
-"""The numba kernels behind server/aggregation.py's fast rules (that module's docstring says what each rule
+"""The numba kernels behind server/aggregation/'s fast rules (that module's docstring says what each rule
 does with them). Every kernel reads the (n, d) float32 matrix a panel of PANEL_COLUMNS columns at a time and
 does its arithmetic while the panel is in cache; panels are grouped in GROUP_COLUMNS columns, the unit of
 parallel work, and each group's partial sums are kept apart and added in group order by the caller, so that

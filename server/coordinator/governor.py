@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from server.keys import NodeKey, SignatureError, verify
-from server.store import Store
+from server.coordinator.store import Store
 from shared.governance import (Change, Decision, Governance, GovernanceError, NotEligibleError, Proposal,
                                ProposalState, Vote)
 from shared.rewards import (InsufficientFunds, Ledger, LedgerError, LedgerEntry, Reputation, RewardTerms, receipt_bytes,
@@ -48,7 +48,6 @@ class RecentJoins:
         return len(self._times)
 
 # job parameters that the command line sets for a new job (names as governance knows them)
-GOVERNED_FROM_CLI = ("inner_steps", "lr", "batch", "aggregator", "deadline_seconds", "outer_lr", "outer_momentum")
 
 
 def _verify_signature(signer: str, message: bytes, signature: str) -> bool:

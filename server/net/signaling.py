@@ -13,10 +13,10 @@ import logging
 from aiortc import RTCSessionDescription
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server import rtc
-from server.coordinator import Coordinator, NodeSession, new_nonce
+from server.net import rtc
+from server.coordinator.coordinator import Coordinator, NodeSession, new_nonce
 from server.keys import SignatureError, verify
-from server.link import DataChannelLink, FrameReceiver, WebSocketLink
+from server.net.link import DataChannelLink, FrameReceiver, WebSocketLink
 from server.log_limits import MEMBERSHIP_LINES_BURST, MEMBERSHIP_LINES_PER_SECOND, LogLimiter
 from shared.identity import signing_bytes
 from shared.wire import (Challenge, Error, Hello, IceCandidate, MalformedFrame, Message, PathSelect, Sdp, Welcome,

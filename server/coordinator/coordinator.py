@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -19,16 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server import aggregation, copies, spot_check
-from server.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from server import aggregation
+from server.coordinator import copies, spot_check
+from server.coordinator.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from server.corpus import Corpus
 from server.codecs import decode_numpy
-from server.governor import Governor, RecentJoins, UpdateOutcome
+from server.coordinator.governor import Governor, RecentJoins, UpdateOutcome
 from server.keys import NodeKey, SignatureError, verify
-from server.link import Link, LinkClosed
+from server.net.link import Link, LinkClosed
 from server.log_limits import LogLimiter
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
-from server.store import RoundRecord, Store, UpdateRecord
+from server.coordinator.store import RoundRecord, Store, UpdateRecord
 from server.training import evaluate, validation_batches
 from shared import compress
 from shared.agent import CoordinatorObservation, CoordinatorPolicy, NodeReport, standing
@@ -932,6 +932,3 @@ def outer_nesterov_step(params: torch.Tensor, grad: torch.Tensor, momentum: torc
 def new_nonce() -> str:
     return secrets.token_hex(32)
 
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
