@@ -34,7 +34,7 @@ from server.keys import NodeKey
 from shared import wire
 from shared.identity import signing_bytes
 from shared.wire import Error, Hello, Welcome, WireError, decode_message
-from server.coordinator.coordinator import JOINS_PER_KEY_PER_MINUTE
+from server.coordinator.intake import JOINS_PER_KEY_PER_MINUTE
 from server.net.signaling import CLOSE_POLICY
 from tests.conftest import Coordinator, only_loopback_interfaces
 

@@ -81,7 +81,8 @@ def test_browser_node_trains_two_rounds_over_webrtc(processes, chromium, loopbac
 
 @pytest.mark.timeout(240)
 def test_browser_node_and_torch_trainer_train_in_the_same_rounds(processes, chromium, loopback_namespace):
-    # int8 on the wire: the page quantises on the GPU (WGSL), the trainer with torch; both must be accepted
+    # int8 on the wire: the page encodes with the stdlib codec and error feedback, the trainer with torch; both must
+    # be accepted
     coordinator = processes.coordinator(*JOB, "--codec", "int8")
     coordinator.wait_ready()
     page = open_page(chromium, coordinator.url)

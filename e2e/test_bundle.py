@@ -4,19 +4,48 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import shutil
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from server.net.bundle import build_bundle
+from server.net.bundle import BUNDLE_SOURCES, PROJECT_ROOT, BundleCache, build_bundle
 
 
-def test_bundle_bytes_depend_only_on_the_source_files():
-    first, second = build_bundle(), build_bundle()
-    assert first.data == second.data and first.etag == second.etag
+def source_copy(tmp_path: Path) -> Path:
+    """The bundle's source folders, copied, so that a test may touch and edit them."""
+    root = tmp_path / "src"
+    for folder, _, _ in BUNDLE_SOURCES:
+        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"),
+                        copy_function=shutil.copyfile)  # contents only: the copies get new mtimes
+    return root
+
+
+def test_bundle_bytes_depend_only_on_the_source_files(tmp_path):
+    root = source_copy(tmp_path)
+    cache = BundleCache(root)
+    first = cache.get()
     assert first.etag == f'"{hashlib.sha256(first.data).hexdigest()}"'
+    assert first == build_bundle(PROJECT_ROOT)  # the same files elsewhere, with other mtimes: the same bytes
+
+    # every file gets another modification time (years apart, so even a zip's 2-second timestamps differ): the
+    # cache notices and rebuilds, and the rebuilt bundle is byte for byte the same, so browsers keep their copy
+    for i, path in enumerate(sorted(p for p in root.rglob("*") if p.is_file())):
+        os.utime(path, ns=(0, (1_000_000_000 + 7_777_777 * i) * 10**9))
+    touched = cache.get()
+    assert touched is not first  # rebuilt, not served from the cache
+    assert touched.data == first.data and touched.etag == first.etag
+
+    # a changed source changes the bytes and the ETag: the cache busts
+    wire = root / "shared" / "wire.py"
+    wire.write_text(wire.read_text() + "\n# changed\n")
+    changed = cache.get()
+    assert changed.data != first.data and changed.etag != first.etag
+    assert zipfile.ZipFile(io.BytesIO(changed.data)).read("shared/wire.py").endswith(b"# changed\n")
 
 
 def test_coordinator_serves_the_bundle_with_an_etag_and_revalidates_it(processes):

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 # a small job: about a second a round on two CPU cores; the round cap leaves the final state still to inspect
 JOB = ("--inner-steps", "4", "--batch-size", "8", "--round-deadline", "120")
-ROUNDS = 20  # enough rounds that both proposals are in before the job ends, and fewer than a proposal's 20-round vote
+ROUNDS = 20  # fewer than a proposal's 20-round voting period, so the voted-down proposal is still open at the end
 SCREENSHOT = Path(tempfile.gettempdir()) / "dashboard.png"
 NOTE_WITH_MARKUP = 'a gentler <img src=x onerror="window.pwned=1"> learning rate'  # API text is data, not HTML
 LINE_RGB = (217, 72, 15)  # the chart's series colour, CHART.line in dashboard.js
@@ -67,8 +67,12 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     coordinator = processes.coordinator(*JOB, "--rounds", str(ROUNDS))
     coordinator.wait_ready()
     key = tmp_path / "trainer.key"
-    processes.trainer(coordinator.url, "--key-file", str(key))
-    coordinator.wait_for(lambda s: s["round"] >= 1, 90, "a committed round that earns the trainer reputation")
+    # one round that earns the trainer reputation, then it leaves: with no node, no round closes, so both votes
+    # are in before the job can move on, however fast the machine
+    first = processes.trainer(coordinator.url, "--key-file", str(key), "--max-rounds", "1")
+    assert first.wait(90) == 0, first.output()
+    coordinator.wait_for(lambda s: s["round"] == 1 and [n["state"] for n in s["nodes"]] == ["offline"], 30,
+                         "the committed round that earned the trainer reputation, and the trainer gone")
     page, browser = open_dashboard(chromium, coordinator.url)  # opened mid-run: what follows arrives by refresh
 
     applied = cli("governance", "propose", "--coordinator", coordinator.url, "--key-file", str(key),
@@ -79,6 +83,8 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     refused = cli("governance", "propose", "--coordinator", coordinator.url, "--key-file", str(key),
                   "--set-param", "lr=0.002", "--note", NOTE_WITH_MARKUP).split()[1]
     cli("governance", "vote", "--coordinator", coordinator.url, "--key-file", str(key), refused, "no")
+    assert coordinator.status()["round"] == 1  # both votes in before a round closed after them
+    processes.trainer(coordinator.url, "--key-file", str(key))  # the same node, back for the other rounds
 
     # once finished and the trainer gone, nothing changes any more: the page must settle on exactly these values
     final = coordinator.wait_for(lambda s: s["state"] == "finished" and [n["state"] for n in s["nodes"]] == ["offline"],

@@ -138,7 +138,8 @@ def serve(argv: list[str]) -> int:
 def trainer(argv: list[str]) -> int:
     args = trainer_parser().parse_args(argv)
     _logging(args.log_level)
-    from server.trainer import FatalError, Trainer, TrainerOptions, configure_ice
+    from server.trainer import Trainer, TrainerOptions, configure_ice
+    from shared.node import Refused
 
     options = TrainerOptions(args.coordinator, args.device, args.max_rounds, args.ice_host, args.transport,
                              args.key_file, not args.no_progress)
@@ -146,7 +147,7 @@ def trainer(argv: list[str]) -> int:
         configure_ice(options)
         node = Trainer(options)
         return asyncio.run(node.run())
-    except FatalError as e:
+    except Refused as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

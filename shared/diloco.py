@@ -1,7 +1,7 @@
 """DiLoCo's round math as reference: the pseudo-gradient and the outer Nesterov step.
 
 Plain Python over sequences of floats, so every peer can check it; the coordinator runs the same math with
-torch (server/coordinator/coordinator.py, outer_nesterov_step) and a test proves the two agree with torch.optim.SGD(nesterov=True).
+torch (server/coordinator/strategy.py, outer_nesterov_step) and a test proves the two agree with torch.optim.SGD(nesterov=True).
 """
 
 from __future__ import annotations

@@ -232,7 +232,10 @@ class RoundOpen(Message):
     round: int
     model_hash: str
     model_signature: str
-    config: dict  # inner_steps, lr, batch_size, seq_len, weight_decay, codec, deadline_s
+    # inner_steps, lr, batch_size, seq_len, weight_decay, codec, deadline_s; and what a node plans its round from
+    # (shared.agent.RoundPlanner): rules, the round_config rules in force, and params, the governed parameters, each
+    # as GET /api/governance lists them
+    config: dict
     shard: int
     deadline: float  # unix time by which the update must arrive
 

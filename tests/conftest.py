@@ -122,6 +122,17 @@ class Coordinator(Process):
         raise AssertionError(f"timed out waiting for {what}; last status {status}\n{self.output()[-4000:]}")
 
 
+# `python -c` program: `python -m server ARGS`, with a sleep before every optimizer step of this process (a global
+# torch hook: it slows the trainer's own steps and changes none of their numbers, so spot checks still reproduce)
+SLOW_STEPS = """
+import sys, time
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: time.sleep({seconds!r}))
+from server.cli import main
+sys.exit(main())
+"""
+
+
 @pytest.fixture
 def processes(tmp_path, request):
     """Start processes through this; all are stopped after the test, and their logs printed if it failed."""
@@ -133,9 +144,17 @@ def processes(tmp_path, request):
             started.append(c)
             return c
 
-        def trainer(self, coordinator_url: str, *extra: str) -> Process:
-            p = Process(["-m", "server", "trainer", "--coordinator", coordinator_url, "--no-progress", *extra],
-                        tmp_path / f"trainer-{len(started)}.log")
+        def trainer(self, coordinator_url: str, *extra: str, progress: bool = False,
+                    min_step_seconds: float = 0.0, env: dict | None = None) -> Process:
+            """A `python -m server trainer`. progress keeps its per-round lines (loss, H, balance) in its log;
+            min_step_seconds makes every optimizer step of this process take at least that long (a sleep before
+            each step), so that a test can have a slow node by construction, on a machine of any speed."""
+            args = ["trainer", "--coordinator", coordinator_url, *([] if progress else ["--no-progress"]), *extra]
+            if min_step_seconds > 0:
+                args = ["-c", SLOW_STEPS.format(seconds=float(min_step_seconds)), *args]
+            else:
+                args = ["-m", "server", *args]
+            p = Process(args, tmp_path / f"trainer-{len(started)}.log", env)
             started.append(p)
             return p
 

@@ -7,6 +7,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from server.coordinator.governor import Governor
+from server.coordinator.store import Store
+from server.keys import NodeKey
 from shared.agent import (
     Action,
     Agent,
@@ -257,9 +260,23 @@ def test_nodes_below_the_reputation_floor_are_quarantined_and_released_when_the_
     assert policy.run_once().results[-1]["quarantined"] == []
 
 
-def test_the_join_rate_cap_never_evicts_admitted_nodes():
-    g = Governance.default()
-    assert g.rules.validate("admission", standing("n", 0)).allowed
+def test_the_join_rate_cap_never_evicts_admitted_nodes(tmp_path):
+    # the coordinator's own pieces: the governor counts joins per address, and each round the policy re-checks
+    # every member's standing (built as Coordinator._adapt builds it) against the admission rules
+    governor = Governor(Store(tmp_path / "state.db"), NodeKey(), {})
+    cap = int(governor.governance.rules.get("joins-per-minute").to_dict()["condition"]["value"])
+    address = "192.0.2.7"
+    members = ["member"] + [f"joiner-{i}" for i in range(cap - 1)]
+    assert all(governor.admit(node, 0, address=address).allowed for node in members)
+    # the address is at its cap: one more new key from it is refused now ...
+    assert governor.admit("newcomer", 0, address=address).blocked_by == ["joins-per-minute"]
+    # ... while a member coming back from it is no join, and the round's re-check keeps every member admitted
+    assert governor.admit("member", 0, address=address, returning=True).allowed
+    policy = CoordinatorPolicy(lambda action, params: governor.governance.rules.validate(action, params),
+                               lambda: governor.governance.rules.bounds("round_config", "deadline_seconds"))
+    policy.observe(CoordinatorObservation(1, dict(governor.params), [],
+                                          {node: standing(node, governor.reputation[node]) for node in members}))
+    assert policy.run_once().results[-1] == {"admitted": sorted(members), "quarantined": []}
 
 
 def test_the_margin_grows_when_too_few_nodes_make_the_deadline():

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.coordinator.coordinator import outer_nesterov_step
+from server.coordinator.strategy import outer_nesterov_step
 from shared.diloco import OuterNesterov, pseudo_gradient
 
 

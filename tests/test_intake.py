@@ -1,5 +1,6 @@
-"""The coordinator's books survive any one update, copies are told apart from honest agreement, and joining
-mints nothing: the Governor and the copy measure on real values."""
+"""The coordinator's books survive any one update, copies are told apart from honest agreement, joining mints
+nothing, and a round keeps one record per update: the Governor, the copy measure and the open round on real
+values."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import numpy as np
 
 from server.coordinator.copies import COPY_COSINE, find_copies
 from server.coordinator.governor import Governor, RecentJoins, UpdateOutcome
+from server.coordinator.open_round import DecidedUpdate, OpenRound
 from server.keys import NodeKey
 from server.coordinator.store import Store
 from shared.rules import Decision, Verdict
+from shared.wire import Update
 
 ALLOWED = Decision("update", (Verdict("finite-values", True, "", True),))
 
@@ -104,3 +107,42 @@ def test_recent_joins_count_within_the_window_and_forget_keys_gone_quiet():
     assert joins.count("key-0") == 2 and joins.count("key-1") == 1 and len(joins) == 1000
     now[0] = 61.0
     assert joins.count("key-0") == 0 and len(joins) == 0  # a window later, nothing of them is held
+
+
+def update(node_id: str, round_: int) -> Update:
+    return Update(node_id, round_, "0" * 64, 512, 2, 3.0, 2.5, {"name": "fp32", "params": {}}, 4, 1, "0" * 64, 16,
+                  "0" * 128)
+
+
+def test_an_overruled_update_is_one_record_that_the_store_and_the_books_read_alike():
+    node = NodeKey().node_id
+    entry = DecidedUpdate(update(node, 3), 1.0, "", 16, np.ones(4, np.float32), ALLOWED)
+    entry.overrule("distinct-work", "a near-copy", slash=False, evidence={"copy_of": "ab"})
+    record, outcome = entry.record(), entry.outcome(trusted=True)
+    assert not entry.accepted and entry.values is None  # its values leave with it
+    assert (record.accepted, record.weight, record.reason) == (False, 0.0, "distinct-work: a near-copy")
+    assert outcome.decision.blocked_by == ["distinct-work"] and not outcome.aggregated and not outcome.verified
+    assert outcome.memo == {"copy_of": "ab"} and outcome.tokens == record.tokens == 512
+
+
+def test_an_accepted_update_books_its_quality_and_a_protocol_refusal_is_recorded_but_never_booked():
+    node = NodeKey().node_id
+    accepted = DecidedUpdate(update(node, 3), 0.5, "", 16, np.ones(4, np.float32), ALLOWED)
+    accepted.quality_ppm, accepted.aggregated = 250_000, True
+    assert (accepted.record().quality_ppm, accepted.record().aggregated, accepted.record().weight) == (250_000, True,
+                                                                                                       0.5)
+    assert accepted.outcome(trusted=True).verified and not accepted.outcome(trusted=False).verified
+    refused = DecidedUpdate(update(node, 4), 0.0, "claims: too many steps", 16)
+    assert refused.outcome(trusted=True) is None and not refused.record().accepted
+
+
+def test_a_round_decides_one_update_per_node_for_itself_and_one_late_one():
+    node, other = NodeKey().node_id, NodeKey().node_id
+    rnd = OpenRound(5, 0.0, 60.0)
+    rnd.add(DecidedUpdate(update(node, 4), 0.5, "", 16, np.ones(4, np.float32), ALLOWED))
+    assert rnd.decided(node, 4) and rnd.decided(node, 3)  # one late update a round, whichever round it was for
+    assert not rnd.decided(node, 5) and not rnd.decided(other, 4)
+    blocked = Decision("update", (Verdict("norm-bound", False, "too large", False),))
+    rnd.add(DecidedUpdate(update(node, 5), 0.0, "norm-bound: too large", 16, decision=blocked))
+    assert rnd.decided(node, 5) and rnd.reported == {node}
+    assert [u.update.round for u in rnd.accepted] == [4]

@@ -1,8 +1,10 @@
 """kernels/device_browser.py drives the same WGSL GPT in a real browser: Chromium's WebGPU, from Pyodide.
 
 Headless Debian Chromium (SwiftShader WebGPU) loads Pyodide from node_modules, unpacks kernels/ and shared/ from
-a zip, and runs DeviceTrainer on BrowserDevice; the results must match torch. Skips only when Chromium,
-Playwright or the npm Pyodide is not installed; every request off 127.0.0.1 is aborted.
+a zip, and runs DeviceTrainer on BrowserDevice; the results must match torch, computed here in CPython: the loss,
+every gradient, and the parameters after one AdamW step (torch.optim.AdamW from the same start parameters and
+hyperparameters). Without Chromium, Playwright or the npm Pyodide the test fails, naming what installs the missing
+piece; every request off 127.0.0.1 is aborted.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import pytest
 import torch
 
 from kernels import quant
-from server.model import GPT, flat_parameters, init_parameters
+from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
 from shared.model import GPTConfig, parameter_layout
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 PYODIDE_DIR = REPO / "node_modules" / "pyodide"
+# one AdamW step's hyperparameters, given explicitly to both the browser and torch.optim.AdamW
+HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-quic",
@@ -63,7 +67,7 @@ targets = await (await pyfetch("/targets.bin")).bytes()
 device = await BrowserDevice.create()
 trainer = DeviceTrainer(device, cfg, params, max_batch_size=BATCH)
 loss, grads = await trainer.loss_and_grads(tokens, targets, seq_len=SEQ)
-losses = await trainer.train_steps([(tokens, targets)], lr=1e-2, seq_len=SEQ)
+losses = await trainer.train_steps([(tokens, targets)], seq_len=SEQ, **HYPER)
 local = await trainer.read_params()
 scales, codes = await trainer.pseudo_gradient_int8()
 json.dumps({
@@ -78,14 +82,15 @@ json.dumps({
 
 
 def browser_missing() -> str | None:
+    """What is missing for this test, with the command that installs it (`./dev setup` installs all three)."""
     if not CHROMIUM.exists():
-        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+        return f"{CHROMIUM} is not installed: run `apt-get install chromium` (or `./dev setup`)"
     if not (PYODIDE_DIR / "pyodide.js").exists():
-        return f"npm Pyodide is not installed at {PYODIDE_DIR} (npm install)"
+        return f"npm Pyodide is not installed at {PYODIDE_DIR}: run `npm ci` in {REPO} (or `./dev setup`)"
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:
-        return "Python playwright is not installed"
+        return "Python playwright is not installed: run `.venv/bin/pip install -e '.[dev]'` (or `./dev setup`)"
     return None
 
 
@@ -93,8 +98,8 @@ def browser_missing() -> str | None:
 def site():
     """A loopback HTTP server over a temp dir holding the page, Pyodide, and kernels/ + shared/ as a zip."""
     missing = browser_missing()
-    if missing:
-        pytest.skip(missing)
+    if missing:  # a failure, never a skip: a plain `pytest` must not pass without ever running the browser
+        pytest.fail(f"the Pyodide kernel test needs a browser: {missing}")
     root = Path(tempfile.mkdtemp(prefix="kernels-browser-"))
     (root / "pyodide").symlink_to(PYODIDE_DIR)
     (root / "index.html").write_text(PAGE)
@@ -158,7 +163,8 @@ def test_browser_device_trains_the_gpt_like_torch(site):
     (root / "params.bin").write_bytes(start.numpy().tobytes())
     (root / "tokens.bin").write_bytes(tokens.to(torch.uint8).numpy().tobytes())
     (root / "targets.bin").write_bytes(targets.to(torch.uint8).numpy().tobytes())
-    code = f"CONFIG = {json.dumps(json.dumps(cfg.to_dict()))}\nBATCH = {batch}\nSEQ = {seq}\n" + IN_BROWSER
+    code = (f"CONFIG = {json.dumps(json.dumps(cfg.to_dict()))}\nBATCH = {batch}\nSEQ = {seq}\n"
+            f"HYPER = {HYPER!r}\n" + IN_BROWSER)
 
     # its own thread and event loop: Playwright's sync API (the e2e fixtures) may hold this thread's loop
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -170,6 +176,22 @@ def test_browser_device_trains_the_gpt_like_torch(site):
     for spec in parameter_layout(cfg):
         actual, expected = (g[spec.offset : spec.offset + spec.numel] for g in (grads, expected_grads))
         assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max(), spec.name
+    # the AdamW step: torch.optim.AdamW here, from the same start parameters and hyperparameters, given the
+    # browser's gradients (checked against torch's just above): Adam divides by |g|, so float32 rounding in a
+    # gradient near zero would otherwise show as an update error of up to lr (tests/test_kernels_parity.py)
+    reference = GPT(cfg)
+    load_flat_parameters(reference, start)
+    for spec, parameter in zip(parameter_layout(cfg), reference.parameters()):
+        parameter.grad = grads[spec.offset : spec.offset + spec.numel].view_as(parameter).clone()
+    torch.optim.AdamW(reference.parameters(), **HYPER).step()
+    expected_local, local_tensor = flat_parameters(reference), decode_floats(result["local"])
+    assert not torch.equal(expected_local, start)  # the step moved the parameters
+    for spec in parameter_layout(cfg):
+        actual, expected, before = (t[spec.offset : spec.offset + spec.numel]
+                                    for t in (local_tensor, expected_local, start))
+        assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max(), spec.name
+        # measured against the update's own scale too: a step of ~lr would hide under a parameter's scale
+        assert (actual - expected).abs().max() <= 1e-4 * (expected - before).abs().max(), spec.name
     local = array("f", base64.b64decode(result["local"]))
     pseudo_gradient = array("f", (g - p for g, p in zip(array("f", start.numpy().tobytes()), local)))
     expected_scales, expected_codes = quant.quantize_int8(pseudo_gradient)

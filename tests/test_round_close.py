@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from server.coordinator.coordinator import STALE_WEIGHT
+from server.coordinator.intake import STALE_WEIGHT
 from server.corpus import load_corpus
 from server.sim import SimOptions, Simulation
 
@@ -23,39 +23,35 @@ async def straggler_lands_while_the_round_closes(data_dir):
     sim = Simulation(options, load_corpus(None, options.corpus_bytes), data_dir)
     coordinator = sim.coordinator
     sim._task = asyncio.create_task(coordinator.run())
-    fast, slow = sim._new_worker(False), sim._new_worker(False)
-    for worker in (fast, slow):
-        await sim._join(worker)
-    await sim._wait_for(lambda: fast.assignment is not None and slow.assignment is not None, "round 0 assignments")
-    trained = {}
-    for worker in (fast, slow):
-        await sim._fetch_model(worker, worker.assignment)
-        trained[worker] = sim._train(worker, worker.assignment)
+    fast, slow = sim._start(False), sim._start(False)
+    encode = slow.port.encode
+    seen_closing = []
 
-    await sim._upload(fast, fast.assignment, trained[fast][0], trained[fast])
-    closing = coordinator._open
-    closing.deadline = time.time()  # the deadline passes with one update in: the round closes without `slow`
-    coordinator._changed.set()
-    while not closing.closing:
-        await asyncio.sleep(0)
-    await sim._upload(slow, slow.assignment, trained[slow][0], trained[slow])  # lands mid-aggregation
-    assert 0 not in slow.results  # not told "accepted" by a round that would not aggregate it
+    async def straggle(node, work):
+        """The slow worker's round-0 update leaves only once that round closes with the fast one's alone."""
+        if work.round == 0:
+            await sim._wait_for(lambda: 0 in fast.port.results, "the fast worker's verdict")
+            closing = coordinator.open_round
+            closing.deadline = time.time()  # the deadline passes with one update in: the round closes without it
+            coordinator.changed.set()
+            while not closing.closing:
+                await asyncio.sleep(0)
+            seen_closing.append(0 not in slow.port.results)  # not told "accepted" by a round that would not count it
+        return await encode(node, work)
 
-    await sim._wait_for(lambda: all(w.assignment.round == 1 for w in (fast, slow)), "round 1 to open")
-    await sim._wait_for(lambda: 0 in slow.results, "the straggler's verdict")
-    for worker in (fast, slow):  # the late update is extra work: the straggler's round-1 update counts too
-        await sim._fetch_model(worker, worker.assignment)
-        values, *rest = sim._train(worker, worker.assignment)
-        await sim._upload(worker, worker.assignment, values, (values, *rest))
+    slow.port.encode = straggle
+    for r in range(options.rounds):
+        await sim._round(r)
     await sim._wait_for(lambda: sim._task.done(), "the job to finish")
     sim._task.result()
+    assert seen_closing == [True]
     return coordinator.status()["history"], slow
 
 
 @pytest.mark.timeout(120)
 def test_an_update_arriving_while_its_round_closes_counts_in_the_next_round_as_late(tmp_path):
     history, slow = asyncio.run(straggler_lands_while_the_round_closes(tmp_path))
-    assert slow.results[0].accepted and slow.results[1].accepted
+    assert slow.port.results[0]["accepted"] and slow.port.results[1]["accepted"]
     assert [h["accepted"] for h in history] == [0, 1, 3]  # round 1: fast's; round 2: slow's late one, both new
     with sqlite3.connect(tmp_path / "state.db") as db:
         rows = db.execute("SELECT round, node_id, accepted, weight FROM updates ORDER BY id").fetchall()

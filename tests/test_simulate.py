@@ -61,16 +61,23 @@ CCLIP_SIGNFLIP = pytest.mark.xfail(strict=True, reason="cclip's radius admits si
 
 
 @pytest.mark.parametrize("aggregator", ROBUST)
-@pytest.mark.parametrize("attack", ["signflip", "alie"])
-def test_a_third_of_attackers_leave_every_robust_rule_within_ten_percent(runs, attack, aggregator, request):
-    if (attack, aggregator) == ("signflip", "cclip"):
+def test_a_third_of_sign_flippers_leave_every_robust_rule_within_ten_percent(runs, aggregator, request):
+    if aggregator == "cclip":
         request.applymarker(CCLIP_SIGNFLIP)
-    # ALIE hides inside the honest spread to fool robust rules; here (z = 0.76 for 3 of 9) it moves no rule, the
-    # mean included, by more than about 1%, so for ALIE only the robust rules' half of the issue's claim holds
     clean = runs()
-    robust = runs(byzantine=A_THIRD, attack=attack, aggregator=aggregator)
+    robust = runs(byzantine=A_THIRD, attack="signflip", aggregator=aggregator)
     assert robust.summary["accepted"] == 9 * 6  # the attackers' updates pass the rules
     assert ratio(robust, clean) <= 1.10
+
+
+# No claim about the aggregation rules under ALIE: it hides inside the honest spread to fool robust rules, but
+# here (z = 0.76 for 3 of 9, and 1.22 for 4 of 9) it moves no rule, the plain mean included, by more than 1%
+# (mean 1.006x, median 1.010x, krum 1.001x the clean loss), so "robust rules stay within 10%" could not fail.
+# What can fail is the attack itself: its forgeries must reach the aggregator.
+def test_alie_forgeries_pass_every_rule_and_reach_the_aggregator(runs):
+    # identical forgeries would be refused as copies of one another, and unbounded ones by the norm bound
+    alie = runs(byzantine=A_THIRD, attack="alie")
+    assert alie.summary["accepted"] == 9 * 6 and alie.summary["rejected"] == 0
 
 
 def test_alie_z_follows_the_paper():

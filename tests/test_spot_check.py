@@ -14,7 +14,7 @@ import torch
 from browser.browser_node import sample_batches
 from kernels.trainer import DeviceTrainer
 from server.codecs import TorchErrorFeedback, decode_numpy
-from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
+from server.model import GPT, flat_parameters, init_parameters
 from server.coordinator.spot_check import TOLERANCE, SpotCheckError, judge, reexecute
 from server.trainer import Trainer, TrainerOptions
 from server.training import byte_tensor
@@ -89,20 +89,24 @@ def test_tokens_allowed_is_steps_times_batch_times_sequence():
 
 
 def trainer_update(trainer: Trainer, params: np.ndarray, round_: int) -> np.ndarray:
-    """One round of the PyTorch trainer's own inner steps (Trainer._inner_steps) from `params`."""
-    load_flat_parameters(trainer.model, torch.from_numpy(params.copy()))
-    assignment = RoundOpen(round_, "0" * 64, "0" * 128, {}, 0, 0.0)
-    cfg = {"inner_steps": ASSIGNMENT["steps"], "batch_size": ASSIGNMENT["batch_size"],
-           "seq_len": ASSIGNMENT["seq_len"], "lr": ASSIGNMENT["lr"], "weight_decay": ASSIGNMENT["weight_decay"]}
-    *_, tokens = trainer._inner_steps(assignment, cfg, byte_tensor(SHARD))
-    assert tokens == tokens_allowed(ASSIGNMENT["steps"], ASSIGNMENT["batch_size"], ASSIGNMENT["seq_len"])
-    return params - flat_parameters(trainer.model).numpy()
+    """One round of the PyTorch trainer as its node runs it (shared/node.py's schedule, server/trainer.py's inner
+    steps and fp32 encoding) from `params`; the shard is held, as after its first download."""
+    node, port = trainer.node, trainer.port
+    node.model, node.shards[0] = params.copy(), byte_tensor(SHARD)
+    config = {"seq_len": ASSIGNMENT["seq_len"], "lr": ASSIGNMENT["lr"], "weight_decay": ASSIGNMENT["weight_decay"],
+              "codec": FP32}
+    work = asyncio.run(node._work(RoundOpen(round_, "0" * 64, "0" * 128, config, 0, 0.0), ASSIGNMENT["steps"],
+                                  ASSIGNMENT["batch_size"]))
+    asyncio.run(port.train(node, work))
+    assert work.steps * work.batch * work.seq_len == tokens_allowed(ASSIGNMENT["steps"], ASSIGNMENT["batch_size"],
+                                                                    ASSIGNMENT["seq_len"])
+    return decode_numpy(work.spec, asyncio.run(port.encode(node, work)), params.size)
 
 
 @pytest.fixture
 def trainer() -> Trainer:
     trainer = Trainer(TrainerOptions(coordinator="http://127.0.0.1:9", device="cpu", progress=False))
-    trainer._setup_model({"config": CFG.to_dict(), "params": num_parameters(CFG), "model": "tiny"})
+    trainer.port.prepare({"params": num_parameters(CFG), "model": "tiny"}, CFG)
     return trainer
 
 

@@ -37,7 +37,7 @@ def test_a_failed_commit_leaves_nothing_behind(tmp_path):
     store = Store(tmp_path / "state.db")
     store.touch_node("n1", "trainer")
     store.commit_round(record(1), [])
-    with pytest.raises(Exception):  # round 1 again: the primary key refuses it
+    with pytest.raises(sqlite3.IntegrityError, match="rounds.round"):  # round 1 again: the primary key refuses it
         store.commit_round(record(1), [update(1, "n1")])
     assert store.updates() == []
     assert store.nodes()[0]["updates_accepted"] == 0

@@ -17,6 +17,7 @@ import numpy as np
 
 MAGIC = b"SGCKPT01"
 _LEN = struct.Struct("<I")
+CHECKPOINTS_KEPT = 5  # when no storage rule bounds it
 
 
 class CheckpointError(Exception):
@@ -67,6 +68,15 @@ def write_checkpoint(directory: Path, ckpt: Checkpoint) -> tuple[Path, str]:
     finally:
         os.close(dir_fd)
     return path, digest.hexdigest()
+
+
+def prune_checkpoints(directory: Path, kept: int | None) -> None:
+    """Delete all but the `kept` newest checkpoints (CHECKPOINTS_KEPT when None; the newest always stays), except
+    the initial model's: it defines the job's start."""
+    kept = CHECKPOINTS_KEPT if kept is None else max(1, kept)
+    for path in sorted(directory.glob("round-*.ckpt"))[:-kept]:
+        if path.name != checkpoint_path(directory, 0).name:
+            path.unlink(missing_ok=True)
 
 
 def read_checkpoint(path: Path, expected_sha256: str | None = None) -> Checkpoint:

@@ -47,8 +47,6 @@ class RecentJoins:
     def __len__(self) -> int:
         return len(self._times)
 
-# job parameters that the command line sets for a new job (names as governance knows them)
-
 
 def _verify_signature(signer: str, message: bytes, signature: str) -> bool:
     try:

@@ -48,6 +48,12 @@ class Link:
             await self._send_text(text)
         self.bytes_sent += len(text)
 
+    async def send_frame(self, frame: str | bytes) -> None:
+        """One frame as it is (a node sends its signed Update, header and chunks in order through this)."""
+        async with self._send_lock:
+            await (self._send_text(frame) if isinstance(frame, str) else self._send_bytes(frame))
+        self.bytes_sent += len(frame)
+
     async def send_payload(self, kind: str, data: bytes | memoryview, meta: dict | None = None,
                            announce: Callable[[PayloadHeader], Message] | None = None) -> PayloadHeader:
         """Send a PayloadHeader and its chunks. `announce(header)` builds a message (e.g. the signed Update that

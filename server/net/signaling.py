@@ -14,7 +14,8 @@ from aiortc import RTCSessionDescription
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server.net import rtc
-from server.coordinator.coordinator import Coordinator, NodeSession, new_nonce
+from server.coordinator import Coordinator, NodeSession
+from server.coordinator.intake import new_nonce
 from server.keys import SignatureError, verify
 from server.net.link import DataChannelLink, FrameReceiver, WebSocketLink
 from server.log_limits import MEMBERSHIP_LINES_BURST, MEMBERSHIP_LINES_PER_SECOND, LogLimiter

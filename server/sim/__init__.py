@@ -1,5 +1,6 @@
-"""The swarm simulator: the real Coordinator, driven in one asyncio process by simulated workers (torch CPU, real
-corpus shards, real codecs, signed Updates) over in-process links that carry the real wire frames.
+"""The swarm simulator: the real coordinator and its real signaling server, and simulated workers that run the
+real node (shared/node.py, as the trainer does) with torch CPU, real corpus shards, real codecs and signed
+updates, over in-process sockets that carry the real wire frames (server/sim/worker.py).
 
 It measures robustness to attackers, churn and compression at a scale one machine holds. Never open a socket,
 and never reach into the coordinator's round logic: workers see and send only the frames a real node would.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import hashlib
 import json
 import logging
 import random
@@ -18,47 +18,44 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server import aggregation
-from server.options import CODEC_HELP, codec_option, int_at_least, share_option
-from server.codecs import TorchErrorFeedback
-from server.coordinator import Coordinator, JobConfig, NodeSession
+from server.coordinator import Coordinator, JobConfig
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
-from server.keys import NodeKey, SignatureError, verify
-from server.net.link import FrameReceiver, Link, LinkClosed
-from server.model import GPT, flat_parameters, load_flat_parameters
-from server.training import byte_tensor, inner_steps
+from server.model import GPT
+from server.net.signaling import SignalingServer
+from server.options import CODEC_HELP, codec_option, int_at_least, share_option
+from server.sim.attacks import ATTACKS, SCALE_ATTACK_FACTOR, alie_z, corrupt
+from server.sim.worker import SimPort, worker_key
+from server.training import byte_tensor
 from shared import compress
-from shared.batches import batch_seed, batch_starts, tokens_allowed
 from shared.governance import GovernanceError
-from shared.identity import signing_bytes
 from shared.model import MODEL_SIZES
-from shared.rewards import LedgerError, check_receipt, receipt_bytes
-from shared.wire import (Bye, Error, Message, ModelRequest, PayloadHeader, Receipt, RoundClosed, RoundOpen, Update,
-                         UpdateResult)
+from shared.node import Ended, Node
+
+__all__ = ["ATTACKS", "SimOptions", "Simulation", "SimulationError", "SimulationResult", "alie_z", "corrupt", "main",
+           "run_simulation", "simulation_rules"]
 
 log = logging.getLogger("swarmgrad.simulate")
 
-ATTACKS = ("signflip", "noise", "scale", "alie")
 MAX_BYZANTINE = 0.5  # at half or more liars no rule can tell the honest side; refuse the question
-SCALE_ATTACK_FACTOR = 100.0  # how much the "scale" attacker blows up its honest update
-# Rounds take seconds here, not the minutes of a real swarm, so the wall-clock deadline must never cut a
-# simulated worker: the widest deadline the default rules allow. Workers run while the event loop is blocked,
-# so the coordinator sees every update of a round before it can look at the clock.
+# Rounds take seconds here, not the minutes of a real swarm, and workers train one after another in one event
+# loop, so the wall-clock deadline must never cut a simulated worker: the widest deadline the default rules
+# allow, pinned there (simulation_rules), so that neither the coordinator's policy nor a node's plan cuts H.
 SIM_ROUND_DEADLINE_S = 3600.0
 WAIT_TIMEOUT_S = 600.0  # a coordinator that says nothing for this long is stuck: fail, do not hang
 # The default rulebook caps joins at 60 per wall-clock minute. A simulated minute holds dozens of rounds, so
 # the cap would measure the simulator's speed rather than the swarm's churn; the simulator lifts it (and says so).
 JOIN_RULE_DEFAULT = '{ param = "joins_last_minute", op = "<", value = 60 }'
 JOIN_RULE_SIMULATED = '{ param = "joins_last_minute", op = "<", value = 1000000000 }'
+DEADLINE_RULE_DEFAULT = '{ param = "deadline_seconds", op = ">=", value = 5.0 }'
+DEADLINE_RULE_SIMULATED = f'{{ param = "deadline_seconds", op = ">=", value = {SIM_ROUND_DEADLINE_S} }}'
 DEFAULT_OUT = Path("swarmgrad-sim")
 
 
@@ -133,117 +130,22 @@ class SimOptions:
         return max(JobConfig().byzantine_fraction, self.attackers / self.workers + 1e-9)
 
 
-# -- attacks -------------------------------------------------------------------------------------------------
-
-
-# each ALIE attacker's own perturbation, relative to the forged vector's norm: two attackers then agree to a
-# cosine of about 1 / (1 + 0.2^2) = 0.96, under the copy threshold of 0.99
-ALIE_PERTURBATION = 0.2
-
-
-def alie_z(n: int, f: int) -> float:
-    """Baruch et al. 2019 ("A little is enough"), the largest z that keeps the attackers inside the honest
-    spread: s = floor(n/2 + 1) - f supporters are needed, z = Phi^-1((n - s) / n)."""
-    s = max(1, n // 2 + 1 - f)
-    return NormalDist().inv_cdf((n - s) / n)
-
-
-def corrupt(attack: str, honest: list[torch.Tensor], byzantine: list[int], gen: torch.Generator,
-            scale_factor: float = SCALE_ATTACK_FACTOR) -> dict[int, torch.Tensor]:
-    """What each attacker in `byzantine` (indices into `honest`) sends instead of its honest update.
-
-    signflip: -g (the honest norm). noise: a Gaussian direction at the honest norm. scale: g x scale_factor.
-    alie: every attacker sends mean - z * std of the round's honest updates, coordinate-wise (the colluders
-    are omniscient: Baruch et al.'s strongest setting), each with its own small Gaussian perturbation: identical
-    vectors would be refused as copies of one another (server/coordinator/copies.py) before any aggregation rule saw them.
-    """
-    if attack == "alie":
-        stacked = torch.stack(honest).double()
-        forged = (stacked.mean(0) - alie_z(len(honest), len(byzantine)) * stacked.std(0, unbiased=False)).float()
-        out = {}
-        for i in byzantine:
-            noise = torch.randn(forged.shape, generator=gen)
-            out[i] = forged + noise * (ALIE_PERTURBATION * forged.norm() / noise.norm().clamp_min(1e-30))
-        return out
-    out = {}
-    for i in byzantine:
-        g = honest[i]
-        if attack == "signflip":
-            out[i] = -g
-        elif attack == "noise":
-            noise = torch.randn(g.shape, generator=gen)
-            out[i] = noise * (g.norm() / noise.norm().clamp_min(1e-30))
-        elif attack == "scale":
-            out[i] = g * scale_factor
-        else:
-            raise SimulationError(f"unknown attack {attack!r}; known: {', '.join(ATTACKS)}")
-    return out
-
-
-# -- in-process links ----------------------------------------------------------------------------------------
-
-
-class InProcessLink(Link):
-    """A Link whose frames go straight into the peer's frame handler: the encoded JSON text frames and binary
-    chunks of shared/wire.py, byte for byte, with no socket in between."""
-
-    path = "in-process"
-
-    def __init__(self, deliver: Callable[[str | bytes], Awaitable[None]]) -> None:
-        super().__init__()
-        self._deliver = deliver
-        self.open = True
-
-    @property
-    def is_open(self) -> bool:
-        return self.open
-
-    async def _send_text(self, text: str) -> None:
-        if not self.open:
-            raise LinkClosed("in-process link closed")
-        await self._deliver(text)
-
-    async def _send_bytes(self, data: bytes) -> None:
-        if not self.open:
-            raise LinkClosed("in-process link closed")
-        await self._deliver(data)
-
-
-# -- workers -------------------------------------------------------------------------------------------------
-
-
-def worker_key(seed: int, index: int) -> NodeKey:
-    """Keys from the seed, so that two runs with one seed have the same node ids and so the same batches."""
-    secret = hashlib.sha256(f"swarmgrad-sim:{seed}:{index}".encode()).digest()
-    return NodeKey(Ed25519PrivateKey.from_private_bytes(secret))
-
-
-@dataclass(eq=False)
 class SimWorker:
-    """One simulated node: what server/trainer.py keeps between rounds, plus the frames it has received."""
+    """One simulated worker: the real node, its port and the task that runs it."""
 
-    index: int
-    key: NodeKey
-    byzantine: bool
-    max_payload: int
-    session: NodeSession | None = None
-    uplink: InProcessLink | None = None  # worker -> coordinator
-    downlink: InProcessLink | None = None  # coordinator -> worker
-    assignment: RoundOpen | None = None
-    closed: RoundClosed | None = None
-    results: dict[int, UpdateResult] = field(default_factory=dict)
-    model_hash: str | None = None  # the global model it holds (its parameters live in Simulation.models)
-    error_feedback: TorchErrorFeedback | None = None
-    receipts: int = 0
-    removed: str = ""  # why the coordinator sent this worker away (quarantine, job finished)
-    receiver: FrameReceiver = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.receiver = FrameReceiver(self.max_payload)
+    def __init__(self, sim: "Simulation", index: int, byzantine: bool) -> None:
+        self.index, self.byzantine = index, byzantine
+        self.port = SimPort(sim, index, worker_key(sim.options.seed, index), byzantine)
+        self.node = Node(self.port, self.port.node_id, transport="websocket")
+        self.task: asyncio.Task | None = None
 
     @property
     def node_id(self) -> str:
-        return self.key.node_id
+        return self.port.node_id
+
+    @property
+    def ended(self) -> Ended | None:
+        return self.task.result() if self.task is not None and self.task.done() else None
 
 
 class Simulation:
@@ -262,100 +164,84 @@ class Simulation:
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
                         codec=options.codec, seed=options.seed, verify_share=options.verify_share)
         self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules)
-        self.model = GPT(self.coordinator.cfg)
+        self.signaling = SignalingServer(self.coordinator)
+        self.model = GPT(self.coordinator.cfg)  # every worker trains on this one module, one after another
         self.rng = random.Random(options.seed)
         self.attack_gen = torch.Generator().manual_seed(options.seed + 1)
-        self.max_payload = self.coordinator.max_payload
         self.workers: list[SimWorker] = []
-        # every worker downloads the model over its own link, but one copy per hash is kept: 100 workers of a
-        # larger model would not fit otherwise
-        self.models: dict[str, np.ndarray] = {}
         self.next_index = 0
         self.refused: list[str] = []
         self.byzantine_ids: dict[str, bool] = {}  # every worker that ever joined: node id -> attacker?
         self.uplink_bytes = 0
-        self._changed = asyncio.Event()
+        self.uploads: list[dict] = []  # every update sent: node_id, round, bytes, sha256
+        self.released = -1  # the newest round the workers may train
+        self._models: dict[str, np.ndarray] = {}
+        self._shards: dict[int, torch.Tensor] = {}
+        self._honest: dict[int, dict[SimWorker, torch.Tensor]] = {}  # round -> each worker's honest update
+        self._forged: dict[int, dict[int, torch.Tensor]] = {}
+        self._expected: list[SimWorker] = []
+        self._trained = 0
+        self._pulse: asyncio.Future | None = None
+
+    # -- what the workers' ports share -----------------------------------------------------------------------
+
+    def notify(self) -> None:
+        if self._pulse is not None and not self._pulse.done():
+            self._pulse.set_result(None)
+
+    async def changed(self, timeout: float | None = None) -> None:
+        if self._pulse is None or self._pulse.done():
+            self._pulse = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(asyncio.shield(self._pulse), timeout)
+
+    def model_for(self, model_hash: str, data: bytes) -> np.ndarray:
+        if model_hash not in self._models:  # a newer model: no worker trains on the older one again
+            self._models = {model_hash: np.frombuffer(bytearray(data), "<f4")}  # writable, for torch
+        return self._models[model_hash]
+
+    def shard(self, index: int) -> torch.Tensor:
+        if index not in self._shards:
+            self._shards[index] = byte_tensor(self.corpus.shard(index))
+        return self._shards[index]
+
+    def progress_worker(self, round_: int) -> None:
+        self.progress.show(round_, self.options.rounds, self._trained, len(self._expected))
+        self._trained += 1
+
+    async def attack(self, port: SimPort, round_: int, values: torch.Tensor) -> torch.Tensor:
+        """The encode hook: honest workers send their update; attackers wait until every worker of the round has
+        trained, and send what `corrupt` forges from all of them (the colluders are omniscient)."""
+        worker = next(w for w in self._expected if w.port is port)
+        honest = self._honest.setdefault(round_, {})
+        honest[worker] = values
+        if not worker.byzantine:
+            return values
+        while len(honest) < len(self._expected):
+            await self._wait_for(lambda: len(honest) >= len(self._expected), f"round {round_} honest updates")
+        if round_ not in self._forged:
+            o = self.options
+            ordered = [honest[w] for w in self._expected]
+            attackers = [i for i, w in enumerate(self._expected) if w.byzantine]
+            forged = corrupt(o.attack, ordered, attackers, self.attack_gen, o.scale_factor)
+            self._forged[round_] = {self._expected[i].index: v for i, v in forged.items()}
+        return self._forged[round_][worker.index]
 
     # -- membership --------------------------------------------------------------------------------------
 
-    def _new_worker(self, byzantine: bool) -> SimWorker:
-        worker = SimWorker(self.next_index, worker_key(self.options.seed, self.next_index), byzantine,
-                           self.max_payload)
+    def _start(self, byzantine: bool) -> SimWorker:
+        worker = SimWorker(self, self.next_index, byzantine)
         self.next_index += 1
         self.byzantine_ids[worker.node_id] = byzantine
+        worker.task = asyncio.create_task(worker.node.run())
+        worker.task.add_done_callback(lambda _: self.notify())
+        self.workers.append(worker)
         return worker
 
-    async def _join(self, worker: SimWorker) -> bool:
-        """What the signaling layer does for a node whose hello verified: admit, attach, link, ready."""
-        refusal = self.coordinator.admit(worker.node_id, "trainer")
-        if refusal is not None:
-            self.refused.append(str(refusal))
-            return False
-        session = NodeSession(worker.node_id, "trainer", "simulated")
-        worker.session = session
-        self.coordinator.attach(session)
-        receiver = FrameReceiver(self.max_payload)
-
-        async def to_coordinator(frame: str | bytes) -> None:
-            self.uplink_bytes += len(frame)
-            item = receiver.feed(frame)
-            if isinstance(item, tuple):
-                await self.coordinator.on_payload(session, *item)
-            elif isinstance(item, Message):
-                await self.coordinator.on_message(session, item)
-
-        async def to_worker(frame: str | bytes) -> None:
-            self._on_frame(worker, frame)
-
-        worker.uplink, worker.downlink = InProcessLink(to_coordinator), InProcessLink(to_worker)
-        session.link = worker.downlink
-        self.workers.append(worker)
-        await self.coordinator.node_ready(session)
-        return True
-
-    async def _leave(self, worker: SimWorker, reason: str) -> None:
-        if worker.uplink is not None and worker.uplink.open:
-            try:
-                await worker.uplink.send_message(Bye(reason))
-            except LinkClosed:
-                pass
-        self._drop(worker, reason)
-
-    def _drop(self, worker: SimWorker, reason: str) -> None:
-        for link in (worker.uplink, worker.downlink):
-            if link is not None:
-                link.open = False
-        worker.removed = worker.removed or reason
-        if worker in self.workers:
-            self.workers.remove(worker)
-
-    def _on_frame(self, worker: SimWorker, frame: str | bytes) -> None:
-        """The worker's side of its link: what the trainer's `_next` and `_train_round` read."""
-        item = worker.receiver.feed(frame)
-        if isinstance(item, tuple):
-            header, data = item
-            if header.kind == "model":
-                if header.sha256 not in self.models:  # a newer model: no worker trains on the older one again
-                    self.models = {header.sha256: np.frombuffer(data, "<f4")}
-                worker.model_hash = header.sha256
-        elif isinstance(item, RoundOpen):
-            worker.assignment = item
-        elif isinstance(item, RoundClosed):
-            worker.closed = item
-        elif isinstance(item, UpdateResult):
-            worker.results[item.round] = item
-        elif isinstance(item, Receipt):
-            try:
-                entry = check_receipt(item.entry, worker.node_id)
-                verify(self.coordinator.key.node_id, receipt_bytes(entry), item.signature)
-                worker.receipts += 1
-            except (LedgerError, SignatureError) as e:
-                raise SimulationError(f"the coordinator sent {worker.node_id[:12]} a bad receipt: {e}") from e
-        elif isinstance(item, Error) and item.fatal:
-            worker.removed = f"[{item.code}] {item.message}"
-        elif isinstance(item, Bye):
-            worker.removed = worker.removed or f"bye: {item.reason}"
-        self._changed.set()
+    async def _stop(self, worker: SimWorker) -> None:
+        worker.node.stop()
+        self.notify()
+        await self._wait_for(lambda: worker.task.done(), f"worker {worker.index} to leave")
+        self.workers.remove(worker)
 
     async def _wait_for(self, condition: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + WAIT_TIMEOUT_S
@@ -363,56 +249,11 @@ class Simulation:
             if self._task.done():
                 self._task.result()  # the coordinator's own exception, if it raised one
                 raise SimulationError(f"the coordinator stopped while the simulation waited for {what}")
-            self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+                await self.changed(min(1.0, max(0.0, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() >= deadline:
                     raise SimulationError(f"no progress in {WAIT_TIMEOUT_S:.0f}s waiting for {what}") from None
-
-    # -- one worker's round ----------------------------------------------------------------------------------
-
-    async def _fetch_model(self, worker: SimWorker, assignment: RoundOpen) -> None:
-        verify(self.coordinator.key.node_id,
-               signing_bytes("model", {"round": assignment.round, "model_hash": assignment.model_hash}),
-               assignment.model_signature)
-        if worker.model_hash != assignment.model_hash:
-            await worker.uplink.send_message(ModelRequest(assignment.round, assignment.model_hash))
-            if worker.model_hash != assignment.model_hash:
-                raise SimulationError(f"worker {worker.index} asked for model {assignment.model_hash[:12]} and "
-                                      "did not get it")
-
-    def _train(self, worker: SimWorker, assignment: RoundOpen) -> tuple[torch.Tensor, float, float, int, float]:
-        """H inner AdamW steps from the global model on the assigned shard, as Trainer._inner_steps runs them.
-        Returns (pseudo_gradient, loss_first, loss_last, tokens, seconds)."""
-        cfg = assignment.config
-        steps, batch, seq = int(cfg["inner_steps"]), int(cfg["batch_size"]), int(cfg["seq_len"])
-        global_params = torch.from_numpy(self.models[worker.model_hash].copy())
-        load_flat_parameters(self.model, global_params)
-        shard = byte_tensor(self.corpus.shard(assignment.shard))
-        schedule = batch_starts(shard.numel(), steps, batch, seq, batch_seed(worker.node_id, assignment.round))
-        started = time.perf_counter()
-        losses = inner_steps(self.model, shard, schedule, seq, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)))
-        seconds = time.perf_counter() - started
-        return (global_params - flat_parameters(self.model), losses[0], losses[-1], tokens_allowed(steps, batch, seq),
-                seconds)
-
-    async def _upload(self, worker: SimWorker, assignment: RoundOpen, values: torch.Tensor, trained: tuple) -> None:
-        """Encode, sign and send one update, as Trainer._train_round does; the verdict comes back at once."""
-        _, loss_first, loss_last, tokens, seconds = trained
-        spec = compress.CodecSpec.from_dict(assignment.config.get("codec", {"name": "fp32"}))
-        if worker.error_feedback is None:
-            worker.error_feedback = TorchErrorFeedback(values.numel())
-        payload = worker.error_feedback.encode(spec, values)
-        steps = int(assignment.config["inner_steps"])
-
-        def signed_update(header: PayloadHeader) -> Update:
-            u = Update(worker.node_id, assignment.round, assignment.model_hash, tokens, steps, loss_first, loss_last,
-                       spec.to_dict(), values.numel(), header.transfer_id, header.sha256, header.total_bytes,
-                       "0" * 128, seconds)
-            return Update(**{**u.__dict__, "signature": worker.key.sign(signing_bytes("update", u.signing_fields()))})
-
-        await worker.uplink.send_payload("update", payload, {"round": assignment.round}, announce=signed_update)
 
     # -- the run -------------------------------------------------------------------------------------------------
 
@@ -420,10 +261,11 @@ class Simulation:
         o = self.options
         started = time.monotonic()
         self._task = asyncio.create_task(self.coordinator.run())
+        self._task.add_done_callback(lambda _: self.notify())
         roles = [True] * o.attackers + [False] * (o.workers - o.attackers)
         self.rng.shuffle(roles)
         for byzantine in roles:
-            await self._join(self._new_worker(byzantine))
+            self._start(byzantine)
         history = self.coordinator.status()["history"]
         rows = [self._row(history[0], 0, 0, Counter(), 0, 0.0)]
         self.on_round(rows[0])
@@ -433,52 +275,59 @@ class Simulation:
                 self.on_round(rows[-1])
             await self._wait_for(lambda: self._task.done(), "the job to finish")
             self._task.result()
+            await self._wait_for(lambda: all(w.task.done() for w in self.workers), "the workers to leave")
         finally:
-            if not self._task.done():
-                self._task.cancel()
+            for task in [self._task] + [w.task for w in self.workers]:
+                if not task.done():
+                    task.cancel()
         return rows, self._summary(rows, time.monotonic() - started)
+
+    def _live(self) -> list[SimWorker]:
+        return [w for w in self.workers if w.ended is None]
 
     async def _round(self, r: int) -> dict:
         o = self.options
         round_started = time.monotonic()
         uplink_before = self.uplink_bytes
-        if not self.workers:
-            raise SimulationError(f"round {r}: no worker is left (refused joins: {self.refused or 'none'})")
-        await self._wait_for(lambda: all(w.assignment is not None and w.assignment.round == r for w in self.workers),
+        await self._wait_for(lambda: not self._live() or all(w.port.assigned == r for w in self._live()),
                              f"round {r} assignments")
-        workers = list(self.workers)
-        trained = []
-        for i, w in enumerate(workers):
-            self.progress.show(r, o.rounds, i, len(workers))
-            await self._fetch_model(w, w.assignment)
-            trained.append(self._train(w, w.assignment))
-        honest = [t[0] for t in trained]
-        attackers = [i for i, w in enumerate(workers) if w.byzantine]
-        forged = corrupt(o.attack, honest, attackers, self.attack_gen, o.scale_factor) if attackers else {}
-        for i, w in enumerate(workers):
-            await self._upload(w, w.assignment, forged.get(i, honest[i]), trained[i])
-        verdicts = [w.results.get(r) for w in workers]
-        if any(v is None for v in verdicts):
-            raise SimulationError(f"round {r}: {verdicts.count(None)} update(s) got no verdict")
-        rejected_by = Counter(rule for v in verdicts if not v.accepted for rule in v.rule.split(","))
+        workers = self._live()
+        if not workers:
+            ended = {str(w.ended) for w in self.workers}
+            raise SimulationError(f"round {r}: no worker is left (refused joins: {self.refused or 'none'}; "
+                                  f"ended: {ended or 'none'})")
+        self._expected, self._trained = workers, 0
+        self.released = r
+        self.notify()
+        await self._wait_for(lambda: all(r in w.port.results or w.ended for w in workers), f"round {r} verdicts")
         await self._wait_for(lambda: self.coordinator.round > r, f"round {r} to close")
+        honest = self._honest.pop(r, {})
+        self._forged.pop(r, None)
+        for w in workers:
+            bad = [f["message"] for e, f in w.port.events if e == "notice" and "receipt" in f["message"]]
+            if bad:
+                raise SimulationError(f"the coordinator sent {w.node_id[:12]} a bad receipt: {bad[0]}")
+        verdicts = [w.port.results[r] for w in workers if r in w.port.results]
+        rejected_by = Counter(rule for v in verdicts if not v["accepted"] for rule in v["rule"].split(","))
         history = self.coordinator.status()["history"][-1]
+        await asyncio.sleep(0)  # let removals sent at the close reach the workers
         quarantined = 0
         for w in list(self.workers):
-            if w.removed:
-                quarantined += w.removed.startswith("[quarantined]")
-                self._drop(w, w.removed)
+            if w.ended is not None:
+                quarantined += "[quarantined]" in w.ended.reason
+                self.workers.remove(w)
         joined = left = 0
         if o.churn and r + 1 < o.rounds:
             leaving = self.rng.sample(self.workers, min(len(self.workers), round(o.churn * len(self.workers))))
             for w in leaving:
-                await self._leave(w, "churn")
+                await self._stop(w)
                 left += 1
-                joined += await self._join(self._new_worker(w.byzantine))
+                self._start(w.byzantine)
+                joined += 1
         row = self._row(history, joined, left, rejected_by, self.uplink_bytes - uplink_before,
                         time.monotonic() - round_started)
-        row.update(workers=len(workers), attackers=len(attackers), quarantined=quarantined,
-                   honest_norm=float(torch.stack([g.norm() for g in honest]).mean()))
+        row.update(workers=len(workers), attackers=sum(w.byzantine for w in workers), quarantined=quarantined,
+                   honest_norm=float(torch.stack([g.norm() for g in honest.values()]).mean()) if honest else 0.0)
         self.progress.show(r + 1, o.rounds, len(workers), len(workers), row["val_loss"])
         return row
 
@@ -518,10 +367,12 @@ class Simulation:
 def simulation_rules() -> str:
     """The default rulebook with the join-rate cap lifted (see JOIN_RULE_SIMULATED)."""
     text = (Path(compress.__file__).parent / "default_rules.toml").read_text()
-    if JOIN_RULE_DEFAULT not in text:
-        raise SimulationError("shared/default_rules.toml no longer has the joins-per-minute rule the simulator "
-                              "lifts; update server/sim/'s JOIN_RULE_DEFAULT")
-    return text.replace(JOIN_RULE_DEFAULT, JOIN_RULE_SIMULATED)
+    for default, simulated in ((JOIN_RULE_DEFAULT, JOIN_RULE_SIMULATED), (DEADLINE_RULE_DEFAULT, DEADLINE_RULE_SIMULATED)):
+        if default not in text:
+            raise SimulationError(f"shared/default_rules.toml no longer has {default}, which the simulator "
+                                  "replaces; update server/sim/__init__.py")
+        text = text.replace(default, simulated)
+    return text
 
 
 # -- outputs -------------------------------------------------------------------------------------------------
@@ -594,6 +445,7 @@ class SimulationResult:
     summary: dict
     csv_path: Path | None
     png_path: Path | None
+    uploads: list[dict]  # every update a worker sent: node_id, round, bytes, sha256
 
 
 def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None = None,
@@ -620,7 +472,7 @@ def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None 
         write_csv(csv_path, rows)
         write_plot(png_path, rows, describe(options))
         summary.update(csv=str(csv_path), png=str(png_path))
-    return SimulationResult(rows, summary, csv_path, png_path)
+    return SimulationResult(rows, summary, csv_path, png_path, sim.uploads)
 
 
 # -- command line --------------------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""The coordinator's status view (GET /api/status, `python -m server status`): the job, the rounds committed, the
+open round, intake's queues and every node the store knows, live or not.
+
+Never change state here: the view only reads, so that polling it cannot alter a round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.coordinator.coordinator import Coordinator
+
+
+def status(coordinator: Coordinator) -> dict:
+    c, intake = coordinator, coordinator.intake
+    rounds = c.store.rounds()
+    nodes = []
+    for node_id, n in {n["id"]: n for n in c.store.nodes()}.items():
+        live = intake.sessions.get(node_id)
+        state = live.state if live else "offline"
+        if node_id in c.policy.quarantined:
+            state = "quarantined"
+        nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "state": state,
+                      "path": live.link.path if live and live.link else None, "last_path": n["last_path"],
+                      "updates_accepted": n["updates_accepted"], "updates_rejected": n["updates_rejected"],
+                      "tokens": n["tokens"], "last_seen": n["last_seen"],
+                      "tokens_per_second": intake.node_speed.get(node_id),
+                      "reputation": c.governor.reputation[node_id],
+                      "balance": c.governor.ledger.balance(node_id),
+                      "stake": c.governor.ledger.stake_of(node_id)})
+    last = rounds[-1] if rounds else None
+    rnd = c.open_round
+    open_round = None
+    if rnd is not None:
+        open_round = {"round": rnd.round, "deadline": rnd.deadline, "assigned": len(rnd.assignments),
+                      "reported": len(rnd.reported)}
+    return {
+        "round": c.round,
+        "val_loss": None if last is None else last.val_loss,
+        "model_hash": c.model_hash,
+        "state": "finished" if c.finished else "training",
+        "open_round": open_round,
+        "coordinator_id": c.key.node_id,
+        "intake": {"pending_payloads": len(intake.pending), "deferred": len(intake.deferred),
+                   "errors": c.intake_errors},
+        "job": c.describe(),
+        "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
+                     "tokens": r.tokens, "bytes": r.bytes_received, "model_hash": r.model_hash,
+                     "closed_at": r.closed_at} for r in rounds],
+        "nodes": nodes,
+    }

@@ -1,0 +1,143 @@
+"""The round strategy: what a round asks of nodes and how its updates become the next model (Flower's Strategy).
+
+It builds the round config, aggregates with the rule in force (a robust rule with too few updates for its f falls
+back to the mean, and says so), applies the outer Nesterov step, scores each update's quality and measures the
+validation loss. Never touch the held model, the books or the store: it returns values, and the coordinator
+commits them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from server import aggregation
+from server.coordinator.job import JobConfig
+from server.coordinator.model_state import GlobalModel
+from server.corpus import Corpus
+from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
+from server.training import evaluate, validation_batches
+from shared.aggregate import AggregationError
+from shared.compress import CodecSpec
+from shared.governance import Governance
+from shared.model import GPTConfig
+from shared.rewards import quality_to_ppm
+
+log = logging.getLogger("swarmgrad.coordinator")
+
+QUALITY_BATCH_SEED = 99  # the held-out batch that scores updates: never one the validation loss is measured on
+# the rules and params a round config carries for planning, at most, as JSON: a RoundOpen must stay one control
+# message (shared.wire.MAX_CONTROL_BYTES, 64 KiB), and a rulebook voted larger than this must not stop the rounds
+MAX_PLANNING_BYTES = 32_768
+
+
+def outer_nesterov_step(params: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor | None, lr: float,
+                        mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.optim.SGD(nesterov=True, dampening=0) on a pseudo-gradient; the math of shared.diloco.OuterNesterov."""
+    buf = grad.clone() if momentum is None else momentum * mu + grad
+    return params - lr * (grad + mu * buf), buf
+
+
+class RoundStrategy:
+    """One job's round policy. The governed parameters in force are passed to each call (votes change them
+    between rounds); the job fixes the model, the codec, the weight decay and the share f of updates a robust
+    rule is told to tolerate."""
+
+    def __init__(self, job: JobConfig, cfg: GPTConfig, codec: CodecSpec, corpus: Corpus):
+        self.job, self.cfg, self.codec = job, cfg, codec
+        self._model = GPT(cfg)  # evaluates parameters; used by one round's close at a time
+        self._val_batches = validation_batches(corpus.validation, cfg.block_size)
+        # quality of an update: the loss change it alone makes on a held-out batch not used for validation
+        self._quality_batch = validation_batches(corpus.validation, cfg.block_size, num_batches=1,
+                                                 seed=QUALITY_BATCH_SEED)
+
+    # -- configure ------------------------------------------------------------------------------------------
+
+    def initial_parameters(self, seed: int) -> np.ndarray:
+        """A new job's model: flat float32, initialised from `seed`."""
+        init_parameters(self._model, seed)
+        return flat_parameters(self._model).numpy()
+
+    def round_config(self, governance: Governance, deadline_seconds: float) -> dict:
+        """What nodes run this round: the governed parameters in force and the policy's deadline, and what a node
+        needs to plan its round (shared.agent.RoundPlanner): the round_config rules in force and the governed
+        parameters, each as GET /api/governance lists them."""
+        p = governance.params
+        config = {"inner_steps": int(p["inner_steps"]), "lr": float(p["lr"]), "weight_decay": self.job.weight_decay,
+                  "batch_size": int(p["batch"]), "seq_len": self.cfg.block_size,
+                  "codec": self.codec.to_dict(), "deadline_s": deadline_seconds}
+        planning = {"rules": [rule.to_dict() for rule in governance.rules.for_action("round_config")],
+                    "params": dict(p)}
+        size = len(json.dumps(planning))
+        if size > MAX_PLANNING_BYTES:  # nodes then run the assignment as given, as without the rules
+            log.warning("the round_config rules and params take %d bytes of JSON, more than a round config carries "
+                        "(%d); nodes are sent the assignment without them", size, MAX_PLANNING_BYTES)
+            return config
+        return {**config, **planning}
+
+    # -- aggregate ------------------------------------------------------------------------------------------
+
+    def tolerated(self, rule: str, n: int) -> int:
+        """The f a robust `rule` is told to tolerate among `n` updates: the job's byzantine share, and for Krum at
+        most what its n > 2f + 2 needs."""
+        f = int(n * self.job.byzantine_fraction)
+        if rule in ("krum", "multikrum"):
+            f = min(f, max(0, (n - 3) // 2))
+        return f
+
+    def aggregate(self, round_: int, values: list[np.ndarray], weights: list[float],
+                  governed: Mapping) -> tuple[np.ndarray | None, list[int]]:
+        """The aggregate of the updates (float32) by the rule in force (governed["aggregator"]), and the indices
+        the rule discarded as outliers; None when there is no update. Runs in a worker thread: seconds at d = 10M."""
+        if not values:
+            return None, []
+        rule = str(governed["aggregator"])
+        matrix = np.stack(values)
+        n = len(values)
+        try:
+            if rule == "mean":
+                result = aggregation.RULES["mean"](matrix, weights)
+            else:
+                result = aggregation.RULES[rule](matrix, None, self.tolerated(rule, n))
+        except AggregationError as e:  # too few updates for the rule's f: average this round, and say so
+            log.warning("round %d: %s cannot aggregate %d update(s) (%s); using the mean", round_ + 1, rule, n, e)
+            result = aggregation.RULES["mean"](matrix, weights)
+        out = result.values.numpy() if isinstance(result.values, torch.Tensor) else np.asarray(result.values)
+        return out.astype(np.float32), list(result.discarded)
+
+    # -- evaluate -------------------------------------------------------------------------------------------
+
+    def qualities(self, model: GlobalModel, values: list[np.ndarray], governed: Mapping) -> list[int]:
+        """Each update's quality in ppm: the loss drop it makes alone on a held-out batch (one outer SGD step
+        from `model`), relative to the best update of the round. An update that does not lower the loss scores 0."""
+        lr = float(governed["outer_lr"])
+        params = model.tensor()
+        load_flat_parameters(self._model, params)
+        base = evaluate(self._model, self._quality_batch)
+        drops = []
+        for v in values:
+            load_flat_parameters(self._model, params - lr * torch.from_numpy(v))
+            drops.append(base - evaluate(self._model, self._quality_batch))
+        best = max(drops, default=0.0)
+        return [quality_to_ppm(d / best) if best > 0 else 0 for d in drops]
+
+    def outer_step(self, model: GlobalModel, grad: np.ndarray | None,
+                   governed: Mapping) -> tuple[np.ndarray, np.ndarray]:
+        """The parameters and momentum after one outer Nesterov step on the aggregate `grad`, as new arrays. With
+        no aggregate (every update was judged a copy or a fake) they stay as they are."""
+        params, momentum = model.tensor(), model.momentum_tensor()
+        if grad is None:
+            return params.numpy().copy(), np.zeros_like(model.params) if momentum is None else momentum.numpy().copy()
+        g = torch.from_numpy(np.ascontiguousarray(grad, np.float32))
+        new_params, new_momentum = outer_nesterov_step(params, g, momentum, float(governed["outer_lr"]),
+                                                       float(governed["outer_momentum"]))
+        return new_params.numpy(), new_momentum.numpy()
+
+    def evaluate(self, params: np.ndarray) -> float:
+        """The validation loss of flat parameters `params`."""
+        load_flat_parameters(self._model, torch.from_numpy(np.ascontiguousarray(params, np.float32)))
+        return evaluate(self._model, self._val_batches)

@@ -1,0 +1,532 @@
+"""A training node's side of the protocol, written once: the PyTorch trainer, the browser tab and the simulator's
+workers all run this state machine, and differ only in the small `NodePort` each one supplies.
+
+One session: the signed handshake, the link (a WebRTC data channel, or the signaling WebSocket as fallback), then
+rounds: check the assignment's signed model hash, fetch the model if it is not held, plan H and batch from the
+round config (the autonomy loop), train from a fresh AdamW on the shared batch schedule, encode with error
+feedback, sign and upload, and wait for the verdict. Lost links reconnect with backoff. Every node handles a
+refusal, quarantine, a rejected or non-finite update and the job's end the same way. Standard library only:
+Pyodide runs it. Never upload an update computed on a model whose hash and signature were not checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared import compress
+from shared.agent import RoundPlanner
+from shared.batches import ScheduleError, batch_seed, batch_starts, tokens_allowed
+from shared.identity import signing_bytes
+from shared.model import GPTConfig, num_parameters
+from shared.rewards import LedgerError, check_receipt, receipt_bytes
+from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest, PathSelect,
+                         PayloadHeader, Receipt, RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome,
+                         WireError, decode_message, payload_frames)
+
+HANDSHAKE_TIMEOUT_S = 10.0
+DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport "auto")
+RESULT_TIMEOUT_S = 120.0
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 10.0
+REMOVED_CODES = ("quarantined", "denied")  # a fatal Error with one of these ends the node: retrying cannot help
+TRANSPORTS = ("auto", "webrtc", "websocket")
+
+
+class NodeError(Exception):
+    """Why a session ended."""
+
+
+class Refused(NodeError):
+    """The coordinator refused or removed this node (deny list, quarantine), or this node cannot train the job."""
+
+
+class Disconnected(NodeError):
+    """A link went away, or the coordinator said something this node cannot act on; reconnect."""
+
+
+class JobFinished(NodeError):
+    """The job ended, or this node has done the rounds it was asked to."""
+
+
+class Stopped(NodeError):
+    """The node was asked to stop (the user pressed Stop, the simulator churned it out)."""
+
+
+class Phase(str, enum.Enum):
+    JOINING = "joining"
+    IDLE = "idle"
+    FETCHING = "fetching"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    AWAITING_VERDICT = "awaiting verdict"
+    RECONNECTING = "reconnecting"
+    LEFT = "left"
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How `Node.run` ended: `how` is "finished", "stopped" or "refused"."""
+
+    how: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.how if self.how == "stopped" else f"{self.how}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Work:
+    """One round's training as planned: what `NodePort.train` runs, from the global `model` it was given."""
+
+    round: int
+    steps: int
+    batch: int
+    seq_len: int
+    lr: float
+    weight_decay: float
+    schedule: list  # batch_starts: starts[step][row] into `shard`
+    shard: Any  # what NodePort.fetch_shard returned
+    model: Any  # what NodePort.load_model returned for the round's model
+    spec: compress.CodecSpec
+
+
+class NodePort:
+    """What differs between nodes. A driver subclasses it and overrides every method that raises here.
+
+    Frames that arrive go to `node.feed(source, frame)` and a link that closes to `node.lost(source, reason)`;
+    `source` is "signaling" (the WebSocket, also the fallback path) or "webrtc". Errors listed in `transient`
+    are read as a lost connection (reconnect); anything else is a bug and propagates.
+    """
+
+    kind = "trainer"  # or "browser": what the coordinator shows
+    agent = ""  # software and device, shown on the dashboard
+    transient: tuple[type[BaseException], ...] = (OSError,)
+
+    # identity
+    async def sign(self, data: bytes) -> str:
+        raise NotImplementedError
+
+    async def verify(self, public_key: str, data: bytes, signature: str) -> bool:
+        raise NotImplementedError
+
+    # links
+    async def connect(self, node: "Node") -> None:
+        """Open the signaling socket; its frames go to node.feed("signaling", frame)."""
+        raise NotImplementedError
+
+    async def send_signal(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def create_offer(self) -> str | None:
+        """A WebRTC offer for a data channel to the coordinator; None when this node has no WebRTC."""
+        return None
+
+    async def accept_answer(self, sdp: str, timeout: float) -> bool:
+        """Apply the answer; whether the data channel opened within `timeout` seconds (then it is the path)."""
+        return False
+
+    async def use_fallback(self) -> None:
+        """Frames now go over the signaling socket; close any half-open peer connection."""
+
+    async def send(self, frame: str | bytes) -> None:
+        """One frame over the current path, waiting while its send buffer is full."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close every link of this session."""
+
+    # work
+    def prepare(self, job: dict, cfg: GPTConfig) -> None:
+        """Get ready to train the job's model; raise Refused when this node cannot."""
+
+    async def fetch_shard(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def load_model(self, model_hash: str, data: bytes) -> Any:
+        """The global model's little-endian float32 bytes, as this node keeps them."""
+        return data
+
+    async def before_training(self, node: "Node", work: Work) -> None:
+        """Called when the round is ready to train, before its training time starts counting."""
+
+    async def train(self, node: "Node", work: Work) -> list[float]:
+        """work.steps AdamW steps from a fresh optimizer, from work.model, on the schedule; the losses."""
+        raise NotImplementedError
+
+    async def encode(self, node: "Node", work: Work) -> bytes:
+        """The pseudo-gradient (global - local) encoded with work.spec and error feedback. Raises
+        compress.CodecError when it is not finite (the residual then stays as it was)."""
+        raise NotImplementedError
+
+    def report(self, event: str, **fields: Any) -> None:
+        """Progress for the user: events "state", "round", "uploaded", "update", "round_closed", "receipt",
+        "notice", "finished", "fatal"."""
+
+
+class Node:
+    """One node's protocol. `run()` trains until the job ends, the node is stopped or refused, or `max_rounds`
+    rounds are done; it reconnects with backoff on lost links."""
+
+    def __init__(self, port: NodePort, node_id: str, transport: str = "auto", max_rounds: int = 0):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        self.port, self.node_id, self.transport, self.max_rounds = port, node_id, transport, max_rounds
+        self.phase = Phase.JOINING
+        self.planner = RoundPlanner()  # the autonomy loop: H and batch from measured speed and the deadline
+        self.coordinator_id = ""
+        self.job: dict | None = None
+        self.cfg: GPTConfig | None = None
+        self.model: Any = None  # the global model as port.load_model keeps it
+        self.model_hash: str | None = None
+        self.shards: dict[int, Any] = {}
+        self.rounds_done = self.accepted = self.rejected = self.skipped = 0
+        self.balance: int | None = None  # micro-credits, from the newest verified receipt
+        self.receipts: list[dict] = []  # verified ledger entries about this node
+        self.path: str | None = None
+        self.stopped = False
+        self._welcomed = False
+        self._transfer_id = 0
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._answer: asyncio.Future | None = None
+        self._receivers: dict[str, FrameReceiver] = {}
+
+    # -- what the port calls -------------------------------------------------------------------------------
+
+    def feed(self, source: str, frame: str | bytes) -> None:
+        """One frame from the signaling socket or the data channel."""
+        try:
+            receiver = self._receivers.get(source)
+            if receiver is not None:
+                item = receiver.feed(frame)
+            elif isinstance(frame, str):
+                item = decode_message(frame)
+            else:
+                raise WireError("a binary frame arrived before the coordinator admitted this node")
+        except WireError as e:
+            self._inbox.put_nowait(Disconnected(f"bad frame from the coordinator on the {source} path: {e}"))
+            return
+        if isinstance(item, Sdp):
+            if self._answer is not None and not self._answer.done() and item.sdp_type == "answer":
+                self._answer.set_result(item)
+        elif item is not None and not isinstance(item, IceCandidate):
+            self._inbox.put_nowait(item)
+
+    def lost(self, source: str, reason: str) -> None:
+        self._inbox.put_nowait(Disconnected(f"{source} closed: {reason}"))
+
+    def stop(self) -> None:
+        """Leave cleanly at the next opportunity: a goodbye to the coordinator, then the links close."""
+        self.stopped = True
+        self._inbox.put_nowait(Stopped("stopped"))
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+
+    async def run(self) -> Ended:
+        delay = RECONNECT_MIN_S
+        while True:
+            self._welcomed = False
+            try:
+                await self._session()
+            except Stopped:
+                return self._end(Ended("stopped", "stopped"))
+            except JobFinished as e:
+                self.port.report("finished", reason=str(e))
+                return self._end(Ended("finished", str(e)))
+            except Refused as e:
+                self.port.report("fatal", message=str(e))
+                return self._end(Ended("refused", str(e)))
+            except (Disconnected, asyncio.TimeoutError, *self.port.transient) as e:
+                if self.stopped:
+                    return self._end(Ended("stopped", "stopped"))
+                if self._welcomed:  # that connection was good: an outage starts the backoff afresh
+                    delay = RECONNECT_MIN_S
+                self.phase = Phase.RECONNECTING
+                self.port.report("state", state="reconnecting",
+                                 message=f"{e or type(e).__name__}; reconnecting in {delay:.1f}s")
+            finally:
+                await self.port.close()
+            await self._sleep_unless_stopped(delay)
+            if self.stopped:
+                return self._end(Ended("stopped", "stopped"))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def _end(self, ended: Ended) -> Ended:
+        self.phase = Phase.LEFT
+        return ended
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopped and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, deadline - time.monotonic()))
+
+    async def _session(self) -> None:
+        self.phase = Phase.JOINING
+        self._inbox, self._receivers, self._answer = asyncio.Queue(), {}, None
+        if self.stopped:
+            raise Stopped("stopped")
+        self.port.report("state", state="connecting", path=None)
+        await self.port.connect(self)
+        welcome = await self._handshake()
+        self._setup_job(welcome.job)
+        self._welcomed = True
+        max_payload = 4 * int(welcome.job["params"]) + 1024  # one model
+        self._receivers = {"signaling": FrameReceiver(max_payload), "webrtc": FrameReceiver(max_payload)}
+        self.port.report("state", state="opening data channel", round=welcome.round, job=welcome.job)
+        self.path = await self._open_link()
+        self.phase = Phase.IDLE
+        self.port.report("state", state="connected", path=self.path, node_id=self.node_id)
+        try:
+            await self._serve()
+        except Stopped:
+            await self._leave("stopped")
+            raise
+
+    async def _reply(self, what: str):
+        try:
+            return await self._next(HANDSHAKE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Disconnected(f"no {what} from the coordinator within {HANDSHAKE_TIMEOUT_S:.0f}s") from None
+
+    async def _handshake(self) -> Welcome:
+        challenge = await self._reply("challenge")
+        if not isinstance(challenge, Challenge):
+            raise Disconnected(f"expected a challenge from the coordinator, got {challenge.TYPE}")
+        self.coordinator_id = challenge.coordinator_id
+        hello = Hello(self.node_id, self.port.kind, challenge.nonce, "0" * 128, agent=self.port.agent[:200])
+        hello = dataclasses.replace(hello, signature=await self.port.sign(signing_bytes("hello",
+                                                                                     hello.signing_fields())))
+        await self.port.send_signal(hello.encode())
+        welcome = await self._reply("welcome")
+        if isinstance(welcome, Error):  # a fatal Error was read as Disconnected by _next; this one was not fatal
+            raise Disconnected(f"the coordinator did not admit this node: [{welcome.code}] {welcome.message}")
+        if not isinstance(welcome, Welcome):
+            raise Disconnected(f"expected welcome, got {welcome.TYPE}")
+        return welcome
+
+    def _setup_job(self, job: dict) -> None:
+        try:
+            cfg = GPTConfig.from_dict(job["config"])
+            params = int(job["params"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise Refused(f"the coordinator's job description cannot be read by this version: {e}") from None
+        if num_parameters(cfg) != params:
+            raise Refused("the coordinator's parameter count does not match this version's model layout")
+        if cfg != self.cfg:
+            self.model = self.model_hash = None
+        self.port.prepare(job, cfg)
+        self.job, self.cfg = job, cfg
+
+    async def _open_link(self) -> str:
+        if self.transport != "websocket":
+            self._answer = asyncio.get_running_loop().create_future()
+            offer = await self.port.create_offer()
+            if offer is not None:
+                await self.port.send_signal(Sdp(self.node_id, self.coordinator_id, "offer", offer).encode())
+                try:
+                    answer = await asyncio.wait_for(self._answer, DATA_CHANNEL_TIMEOUT_S)
+                    if await self.port.accept_answer(answer.sdp, DATA_CHANNEL_TIMEOUT_S):
+                        return "webrtc"
+                except asyncio.TimeoutError:
+                    pass
+            if self.transport == "webrtc":
+                raise Disconnected("the WebRTC data channel did not open")
+            if offer is not None:
+                self.port.report("notice", message=f"no WebRTC data channel within {DATA_CHANNEL_TIMEOUT_S:.0f}s; "
+                                                   "using the WebSocket fallback")
+        await self.port.use_fallback()
+        await self.port.send_signal(PathSelect("websocket").encode())
+        return "websocket"
+
+    async def _leave(self, reason: str) -> None:
+        try:
+            await self.port.send(Bye(reason).encode())
+            await asyncio.sleep(0.2)  # let the channel flush the goodbye before the links close
+        except (Disconnected, *self.port.transient):
+            pass
+
+    async def _send(self, frame: str | bytes) -> None:
+        try:
+            await self.port.send(frame)
+        except self.port.transient as e:
+            raise Disconnected(f"sending failed: {e}") from e
+
+    # -- messages ------------------------------------------------------------------------------------------
+
+    async def _next(self, timeout: float | None = None):
+        item = await (asyncio.wait_for(self._inbox.get(), timeout) if timeout else self._inbox.get())
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, Bye):
+            raise JobFinished(item.reason or "the coordinator said goodbye")
+        if isinstance(item, Error):
+            if item.fatal:
+                if item.code == "finished":
+                    raise JobFinished(item.message)
+                if item.code in REMOVED_CODES:
+                    raise Refused(f"the coordinator refused this node: [{item.code}] {item.message}")
+                before = "" if self._welcomed else "the coordinator cannot take this node now: "
+                raise Disconnected(f"{before}[{item.code}] {item.message}")  # a join-rate limit, say: it passes
+            self.port.report("notice", message=f"coordinator: [{item.code}] {item.message}")
+        elif isinstance(item, RoundClosed):
+            self.port.report("round_closed", round=item.round, val_loss=item.val_loss, accepted=item.accepted,
+                             rejected=item.rejected, balance=self.balance)
+        elif isinstance(item, Receipt):
+            await self._keep_receipt(item)
+        return item
+
+    async def _keep_receipt(self, receipt: Receipt) -> None:
+        """Check a receipt as anyone could offline: about this node, well formed, signed by the coordinator."""
+        try:
+            entry = check_receipt(receipt.entry, self.node_id)
+        except LedgerError as e:
+            self.port.report("notice", message=f"ignoring a malformed receipt: {e}")
+            return
+        if not await self.port.verify(self.coordinator_id, receipt_bytes(entry), receipt.signature):
+            self.port.report("notice", message="ignoring a receipt whose signature does not verify")
+            return
+        self.receipts.append(receipt.entry)
+        self.balance = entry.balances.get(self.node_id, self.balance)
+        amount = sum(leg.amount for leg in entry.postings if leg.account == self.node_id)
+        stake = sum(leg.amount for leg in entry.postings if leg.account != self.node_id and self.node_id in leg.account)
+        self.port.report("receipt", kind=entry.kind, round=entry.round, seq=entry.seq, amount=amount,
+                         stake_change=stake, balance=self.balance, hash=entry.hash, verified=True)
+
+    # -- rounds --------------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        pending: RoundOpen | None = None
+        while True:
+            self.phase = Phase.IDLE
+            item = pending or await self._next()
+            pending = None
+            if isinstance(item, RoundOpen):
+                pending = await self._round(item)
+                if self.max_rounds and self.rounds_done >= self.max_rounds:
+                    await self._leave(f"completed {self.rounds_done} round(s)")
+                    raise JobFinished(f"completed {self.rounds_done} round(s)")
+
+    async def _round(self, assignment: RoundOpen) -> RoundOpen | None:
+        """Train one assignment and upload it. Returns a newer RoundOpen that arrived meanwhile, if any."""
+        signed = signing_bytes("model", {"round": assignment.round, "model_hash": assignment.model_hash})
+        if not await self.port.verify(self.coordinator_id, signed, assignment.model_signature):
+            self.port.report("notice", message=f"round {assignment.round + 1}: the model signature does not "
+                                               "verify; skipping the round")
+            return None
+        cfg = assignment.config
+        received = time.time()
+        steps, batch = self.planner.plan(_rules_in_force(cfg), cfg, assignment.round)
+        # shown as round N, the one whose commit completes N rounds (as the status and dashboard count them)
+        self.port.report("round", round=assignment.round + 1, steps=steps, batch=batch, shard=assignment.shard,
+                         plan=self.planner.note)
+        newer = await self._fetch_model(assignment)
+        if self.model_hash != assignment.model_hash:
+            return newer
+        work = await self._work(assignment, steps, batch)
+        await self.port.before_training(self, work)
+        self.phase = Phase.TRAINING
+        started = time.time()
+        losses = await self.port.train(self, work)
+        seconds = time.time() - started
+        try:
+            if not all(math.isfinite(x) for x in losses):  # a handful of floats, not tensor data
+                raise compress.CodecError("the loss is not finite")
+            payload = await self.port.encode(self, work)
+        except compress.CodecError as e:
+            self.skipped += 1
+            self.rounds_done += 1
+            self.port.report("notice", message=f"round {assignment.round + 1}: the update is not finite ({e}); "
+                                               "it is not sent, and this node carries on with the next round")
+            return newer
+        header = await self._upload(assignment, work, payload, losses, seconds)
+        self.port.report("uploaded", round=assignment.round, bytes=header.total_bytes, sha256=header.sha256)
+        return await self._verdict(assignment, work, losses, seconds, received, newer)
+
+    async def _fetch_model(self, assignment: RoundOpen) -> RoundOpen | None:
+        """Ask for the round's model unless it is held. A newer RoundOpen that arrives meanwhile is returned."""
+        newer: RoundOpen | None = None
+        if self.model_hash == assignment.model_hash:
+            return None
+        self.phase = Phase.FETCHING
+        await self._send(ModelRequest(assignment.round, assignment.model_hash).encode())
+        while True:
+            item = await self._next()
+            if isinstance(item, tuple) and item[0].kind == "model":
+                header, data = item
+                if header.sha256 != assignment.model_hash:  # the receiver already checked data against it
+                    raise Disconnected("the model payload does not match the signed hash")
+                self.model, self.model_hash = self.port.load_model(header.sha256, data), header.sha256
+                return newer
+            if isinstance(item, UpdateResult) and not item.accepted:
+                self.port.report("notice", message=f"model request refused: {item.reason}")
+                return newer
+            if isinstance(item, RoundOpen):
+                newer = item
+
+    async def _work(self, assignment: RoundOpen, steps: int, batch: int) -> Work:
+        cfg = assignment.config
+        seq = int(cfg["seq_len"])
+        if assignment.shard not in self.shards:
+            self.shards[assignment.shard] = await self.port.fetch_shard(assignment.shard)
+        shard = self.shards[assignment.shard]
+        try:
+            schedule = batch_starts(len(shard), steps, batch, seq, batch_seed(self.node_id, assignment.round))
+            spec = compress.CodecSpec.from_dict(cfg.get("codec", {"name": "fp32"}))
+        except (ScheduleError, compress.CodecError) as e:
+            raise Refused(f"this node cannot run the job's round config: {e}") from None
+        return Work(assignment.round, steps, batch, seq, float(cfg["lr"]), float(cfg.get("weight_decay", 0.0)),
+                    schedule, shard, self.model, spec)
+
+    async def _upload(self, assignment: RoundOpen, work: Work, payload: bytes, losses: list[float],
+                      seconds: float) -> PayloadHeader:
+        """The signed Update, then its payload, with nothing in between."""
+        self.phase = Phase.UPLOADING
+        self._transfer_id = (self._transfer_id + 1) % (1 << 32)
+        header, chunks = payload_frames(self._transfer_id, "update", payload, {"round": assignment.round})
+        update = Update(self.node_id, assignment.round, assignment.model_hash,
+                        tokens_allowed(work.steps, work.batch, work.seq_len), work.steps, losses[0], losses[-1],
+                        work.spec.to_dict(), int(self.job["params"]), header.transfer_id, header.sha256,
+                        header.total_bytes, "0" * 128, seconds)
+        signature = await self.port.sign(signing_bytes("update", update.signing_fields()))
+        await self._send(dataclasses.replace(update, signature=signature).encode())
+        await self._send(header.encode())
+        for chunk in chunks:
+            await self._send(chunk)
+        return header
+
+    async def _verdict(self, assignment: RoundOpen, work: Work, losses: list[float], seconds: float,
+                       received: float, newer: RoundOpen | None) -> RoundOpen | None:
+        self.phase = Phase.AWAITING_VERDICT
+        deadline = time.time() + RESULT_TIMEOUT_S
+        while time.time() < deadline:
+            try:
+                item = await self._next(max(0.1, deadline - time.time()))
+            except asyncio.TimeoutError:
+                break
+            if isinstance(item, UpdateResult) and item.round == assignment.round:
+                self.planner.finished(work.steps, seconds, work.batch, max(0.0, time.time() - received - seconds),
+                                      float(assignment.config["deadline_s"]))
+                self.rounds_done += 1
+                self.accepted += int(item.accepted)
+                self.rejected += int(not item.accepted)
+                tokens = tokens_allowed(work.steps, work.batch, work.seq_len)
+                self.port.report("update", round=assignment.round, accepted=item.accepted, reason=item.reason,
+                                 rule=item.rule, accepted_total=self.accepted, rejected_total=self.rejected,
+                                 loss_first=losses[0], loss_last=losses[-1], steps=work.steps,
+                                 tokens_per_s=tokens / max(seconds, 1e-9))
+                return newer
+            if isinstance(item, RoundOpen):
+                newer = item
+        raise Disconnected("no verdict on the update")
+
+
+def _rules_in_force(config: dict) -> dict | None:
+    """The rules and governed parameters a round config carries, as RoundPlanner reads them; None without."""
+    if isinstance(config.get("rules"), list) and isinstance(config.get("params"), dict):
+        return {"rules": config["rules"], "params": config["params"]}
+    return None
