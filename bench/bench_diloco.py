@@ -193,7 +193,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--inner-steps", type=int, default=defaults.inner_steps, help="H, local steps per round")
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per worker per step")
+    parser.add_argument("--batch", type=int, default=defaults.batch_size, help="windows per worker per step")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (both methods)")
     parser.add_argument("--outer-lr", type=float, default=defaults.outer_lr)
     parser.add_argument("--outer-momentum", type=float, default=defaults.outer_momentum)

@@ -189,7 +189,7 @@ def start_coordinator(workdir: Path) -> Coordinator:
 
     rules = workdir / "rules.toml"
     rules.write_text(simulation_rules())
-    return Coordinator(workdir, workdir / "data", "--round-deadline", "3600", "--rules", str(rules))
+    return Coordinator(workdir, workdir / "data", "--deadline-seconds", "3600", "--rules", str(rules))
 
 
 @dataclass

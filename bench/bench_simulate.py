@@ -4,7 +4,7 @@ and each codec's bytes per round against fp32's, all with one seed, in one run.
 Never assert a target here (tests/test_simulate.py holds the claims); this prints what a run measured.
 
 usage: python -m bench.bench_simulate [--workers 12] [--byzantine 0.34] [--rounds 8] [--inner-steps 5]
-       [--batch-size 8] [--lr 1e-3] [--corpus-bytes 3000000] [--seed 0] [--attacks signflip,noise,scale,alie]
+       [--batch 8] [--lr 1e-3] [--corpus-bytes 3000000] [--seed 0] [--attacks signflip,noise,scale,alie]
        [--aggregators mean,median,...]
        [--codecs fp32 fp16 int8 int8:deflate=false topk topk:deflate=false] [--json]
 
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--byzantine", type=float, default=0.34, help="share of attackers (0.34 of 12 is 4)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--inner-steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch", "--batch", dest="batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3, help="inner AdamW lr (1e-3: still learning at the end)")
     p.add_argument("--corpus-bytes", type=int, default=3_000_000,
                    help="3 MB of the stdlib source: Python only, before the unicode code-page tables")
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="also print every run's summary as JSON lines")
     args = p.parse_args()
     logging.getLogger("swarmgrad").setLevel(logging.ERROR)  # rejections are counted in the table instead
-    base = dict(workers=args.workers, rounds=args.rounds, inner_steps=args.inner_steps, batch_size=args.batch_size,
+    base = dict(workers=args.workers, rounds=args.rounds, inner_steps=args.inner_steps, batch=args.batch,
                 lr=args.lr, outer_momentum=args.outer_momentum, seed=args.seed, corpus_bytes=args.corpus_bytes,
                 out=None)
     started = time.perf_counter()
@@ -61,7 +61,7 @@ def main() -> None:
     clean_loss = clean["final_val_loss"]
     attackers = SimOptions(**base, byzantine=args.byzantine).attackers
     print(f"{args.workers} workers ({attackers} attackers), {args.rounds} rounds, H={args.inner_steps}, "
-          f"batch {args.batch_size}, seed {args.seed}, {clean['params']:,} parameters")
+          f"batch {args.batch}, seed {args.seed}, {clean['params']:,} parameters")
     print(f"clean mean: final validation loss {clean_loss:.4f} (from {clean['initial_val_loss']:.4f})\n")
     aggregators = args.aggregators.split(",")
     print(f"{'attack':<10}" + "".join(f"{a:>18}" for a in aggregators))

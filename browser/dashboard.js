@@ -101,7 +101,7 @@ function renderJob(s) {
     setText("job-deadline", `${job.deadline_seconds.toFixed(1)} s per round`);
   }
   setText("job-aggregator", job.aggregator);
-  setText("job-steps", `${job.inner_steps} × ${job.batch_size}`);
+  setText("job-steps", `${job.inner_steps} × ${job.batch}`);
   setText("job-lr", String(job.lr));
   setText("job-codec", job.codec);
   setText("job-coordinator", shortId(s.coordinator_id));

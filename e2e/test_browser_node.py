@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 # SwiftShader's WebGPU does about 1 GFLOP/s: a small job keeps a round to about a second.
-JOB = ("--inner-steps", "3", "--batch-size", "4", "--round-deadline", "300")
+JOB = ("--inner-steps", "3", "--batch", "4", "--deadline-seconds", "300")
 SCREENSHOT_DIR = Path(tempfile.gettempdir())
 STATE_JS = "() => JSON.parse(JSON.stringify(window.swarmgrad.state))"
 

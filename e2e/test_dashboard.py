@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 
 # a small job: about a second a round on two CPU cores; the round cap leaves the final state still to inspect
-JOB = ("--inner-steps", "4", "--batch-size", "8", "--round-deadline", "120")
+JOB = ("--inner-steps", "4", "--batch", "8", "--deadline-seconds", "120")
 ROUNDS = 20  # fewer than a proposal's 20-round voting period, so the voted-down proposal is still open at the end
 SCREENSHOT = Path(tempfile.gettempdir()) / "dashboard.png"
 NOTE_WITH_MARKUP = 'a gentler <img src=x onerror="window.pwned=1"> learning rate'  # API text is data, not HTML

@@ -39,10 +39,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="local AdamW steps per round, H (default: %(default)s)")
     p.add_argument("--rounds", type=int_at_least(0), default=d.rounds,
                    help="stop after this many rounds; 0 = forever (default: %(default)s)")
-    p.add_argument("--round-deadline", type=float, default=d.round_deadline,
-                   help="seconds a round waits for updates (default: %(default)s)")
+    p.add_argument("--deadline-seconds", "--round-deadline", dest="deadline_seconds", type=float,
+                   default=d.deadline_seconds, help="seconds a round waits for updates (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per inner step (default: %(default)s)")
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=d.batch,
+                   help="sequences per inner step (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial parameters (default: %(default)s)")
     p.add_argument("--codec", default=d.codec, type=codec_option, metavar="CODEC",
                    help=CODEC_HELP + "; fixed for the job's life (default: %(default)s)")
@@ -113,7 +114,7 @@ def serve(argv: list[str]) -> int:
 
     try:
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
-                        round_deadline=args.round_deadline, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        deadline_seconds=args.deadline_seconds, lr=args.lr, batch=args.batch, seed=args.seed,
                         codec=args.codec, aggregator=args.aggregator, verify_share=args.verify_share)
         corpus = load_corpus(args.data)
         ice = args.ice_host

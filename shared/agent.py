@@ -461,9 +461,9 @@ class RoundPlanner:
                       "deadline_seconds": deadline_seconds}  # fmt: skip
 
     def plan(self, governance: Mapping | None, config: Mapping, round_: int) -> tuple[int, int]:
-        """(H, batch) for an assignment's round config (inner_steps, batch_size, lr, deadline_s). Without the
+        """(H, batch) for an assignment's round config (inner_steps, batch, lr, deadline_seconds). Without the
         rules (governance None) the assignment runs as given."""
-        steps, batch = int(config["inner_steps"]), int(config["batch_size"])
+        steps, batch = int(config["inner_steps"]), int(config["batch"])
         self.note = ""
         if governance is None:
             self.note = "the rules in force are unknown; running the assignment as given"
@@ -475,7 +475,7 @@ class RoundPlanner:
             self._last = None
             self.policy.run_once()
         self.policy.assign({**governance["params"], "inner_steps": steps, "batch": batch, "lr": float(config["lr"]),
-                            "deadline_seconds": float(config["deadline_s"]), "round": round_})  # fmt: skip
+                            "deadline_seconds": float(config["deadline_seconds"]), "round": round_})  # fmt: skip
         report = self.policy.run_once()
         if not report.allowed:
             blocked = sorted({r for b in report.blocked for r in b.decision.blocked_by})
@@ -484,5 +484,5 @@ class RoundPlanner:
         planned_steps, planned_batch = int(self.policy.next_config["inner_steps"]), int(self.policy.next_config["batch"])
         if (planned_steps, planned_batch) != (steps, batch):
             self.note = (f"running H={planned_steps} x batch {planned_batch} of {steps} x {batch} to meet the "
-                         f"{float(config['deadline_s']):.0f}s deadline")
+                         f"{float(config['deadline_seconds']):.0f}s deadline")
         return planned_steps, planned_batch

@@ -510,7 +510,7 @@ class Node:
                 break
             if isinstance(item, UpdateResult) and item.round == assignment.round:
                 self.planner.finished(work.steps, seconds, work.batch, max(0.0, time.time() - received - seconds),
-                                      float(assignment.config["deadline_s"]))
+                                      float(assignment.config["deadline_seconds"]))
                 self.rounds_done += 1
                 self.accepted += int(item.accepted)
                 self.rejected += int(not item.accepted)

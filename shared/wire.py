@@ -232,7 +232,7 @@ class RoundOpen(Message):
     round: int
     model_hash: str
     model_signature: str
-    # inner_steps, lr, batch_size, seq_len, weight_decay, codec, deadline_s; and what a node plans its round from
+    # inner_steps, lr, batch, seq_len, weight_decay, codec, deadline_seconds; and what a node plans its round from
     # (shared.agent.RoundPlanner): rules, the round_config rules in force, and params, the governed parameters, each
     # as GET /api/governance lists them
     config: dict

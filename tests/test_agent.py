@@ -313,7 +313,7 @@ def _governance_document() -> dict:
 
 def test_round_planner_runs_the_first_assignment_as_given_then_fits_h_to_the_deadline():
     planner = RoundPlanner()
-    config = {"inner_steps": 100, "batch_size": 16, "lr": 0.001, "deadline_s": 10.0}
+    config = {"inner_steps": 100, "batch": 16, "lr": 0.001, "deadline_seconds": 10.0}
     assert planner.plan(_governance_document(), config, 0) == (100, 16)  # nothing measured yet
     planner.finished(steps=100, seconds=20.0, batch=16, overhead_seconds=1.0, deadline_seconds=10.0)
     steps, batch = planner.plan(_governance_document(), config, 1)
@@ -325,5 +325,5 @@ def test_round_planner_runs_the_first_assignment_as_given_then_fits_h_to_the_dea
 def test_round_planner_without_the_rules_runs_the_assignment_as_given():
     planner = RoundPlanner()
     planner.finished(steps=100, seconds=20.0, batch=16, overhead_seconds=1.0, deadline_seconds=10.0)
-    assert planner.plan(None, {"inner_steps": 100, "batch_size": 16, "lr": 0.001, "deadline_s": 10.0}, 1) == (100, 16)
+    assert planner.plan(None, {"inner_steps": 100, "batch": 16, "lr": 0.001, "deadline_seconds": 10.0}, 1) == (100, 16)
     assert "unknown" in planner.note

@@ -268,8 +268,8 @@ class FakeBridge:
         self.reports.append(json.loads(text))
         if self.reports[-1]["event"] == "state" and self.reports[-1]["state"] == "connected":
             model_hash = hashlib.sha256(self.model).hexdigest()
-            config = {"inner_steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "lr": 1e-3, "weight_decay": 0.0,
-                      "codec": spec(self.codec).to_dict(), "deadline_s": 60.0}
+            config = {"inner_steps": STEPS, "batch": BATCH, "seq_len": SEQ, "lr": 1e-3, "weight_decay": 0.0,
+                      "codec": spec(self.codec).to_dict(), "deadline_seconds": 60.0}
             self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60))
         elif self.reports[-1]["event"] == "notice" and "not finite" in self.reports[-1]["message"]:
             self.deliver(Bye("the job has finished"))

@@ -17,7 +17,7 @@ def python_m_server(*args: str) -> subprocess.CompletedProcess:
 
 def test_serve_help_lists_every_documented_option():
     text = serve_parser().format_help()
-    for option in ("--host", "--port", "--data-dir", "--model", "--inner-steps", "--rounds", "--round-deadline",
+    for option in ("--host", "--port", "--data-dir", "--model", "--inner-steps", "--rounds", "--deadline-seconds",
                    "--ice-host", "--data"):
         assert option in text
 

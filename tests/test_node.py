@@ -27,8 +27,8 @@ from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, ModelReque
 COORDINATOR = "c" * 64
 CFG = model_config("tiny")
 N_PARAMS = num_parameters(CFG)
-CONFIG = {"inner_steps": 2, "lr": 1e-3, "weight_decay": 0.0, "batch_size": 2, "seq_len": CFG.block_size,
-          "codec": {"name": "fp32"}, "deadline_s": 60.0}
+CONFIG = {"inner_steps": 2, "lr": 1e-3, "weight_decay": 0.0, "batch": 2, "seq_len": CFG.block_size,
+          "codec": {"name": "fp32"}, "deadline_seconds": 60.0}
 
 
 def initial_model() -> np.ndarray:

@@ -19,7 +19,7 @@ from server.sim import SimOptions, Simulation
 
 
 async def straggler_lands_while_the_round_closes(data_dir):
-    options = SimOptions(workers=2, rounds=2, inner_steps=2, batch_size=4, corpus_bytes=1_000_000, seed=0, out=None)
+    options = SimOptions(workers=2, rounds=2, inner_steps=2, batch=4, corpus_bytes=1_000_000, seed=0, out=None)
     sim = Simulation(options, load_corpus(None, options.corpus_bytes), data_dir)
     coordinator = sim.coordinator
     sim._task = asyncio.create_task(coordinator.run())

@@ -17,7 +17,7 @@ from server.sim import SimOptions, SimulationError, alie_z, main, run_simulation
 # Early-training setting: long enough for the clean run to fall from 5.5 to about 3.2, short enough that a
 # swarm slowed by attackers has not caught up. A 3 MB corpus keeps every shard Python source (the standard
 # library's unicode code-page tables start near byte 3.4M and would add a data shift to every curve).
-BASE = dict(workers=9, rounds=6, inner_steps=5, batch_size=8, lr=1e-3, seed=0, corpus_bytes=3_000_000, out=None)
+BASE = dict(workers=9, rounds=6, inner_steps=5, batch=8, lr=1e-3, seed=0, corpus_bytes=3_000_000, out=None)
 A_THIRD = 1 / 3  # 3 of 9 workers
 ROBUST = ["median", "trimmed", "krum", "multikrum", "cclip"]
 
@@ -116,7 +116,7 @@ def test_a_scale_attack_under_the_norm_bound_breaks_the_mean_but_not_the_median(
 
 
 def test_a_hundred_workers_with_thirty_percent_churn_converge():
-    result = run_simulation(SimOptions(workers=100, churn=0.3, rounds=3, inner_steps=2, batch_size=8, lr=3e-3,
+    result = run_simulation(SimOptions(workers=100, churn=0.3, rounds=3, inner_steps=2, batch=8, lr=3e-3,
                                        seed=0, corpus_bytes=3_000_000, out=None))
     rows = result.rows[1:]
     assert [r["left"] for r in rows] == [30, 30, 0] and [r["joined"] for r in rows] == [30, 30, 0]

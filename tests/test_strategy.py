@@ -20,7 +20,7 @@ from shared.rules import Rule
 from shared.model import model_config
 from shared.wire import LimitExceeded, RoundOpen, decode_message
 
-ROUND_CONFIG_KEYS = {"inner_steps", "lr", "weight_decay", "batch_size", "seq_len", "codec", "deadline_s"}
+ROUND_CONFIG_KEYS = {"inner_steps", "lr", "weight_decay", "batch", "seq_len", "codec", "deadline_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,14 @@ def strategy(corpus, **job) -> RoundStrategy:
 
 
 def governor(tmp_path) -> Governor:
-    return Governor(Store(tmp_path / "state.db"), NodeKey(), JobConfig(inner_steps=40, batch_size=16).governed())
+    return Governor(Store(tmp_path / "state.db"), NodeKey(), JobConfig(inner_steps=40, batch=16).governed())
 
 
 def test_the_round_config_carries_the_round_config_rules_and_the_governed_params(tmp_path, corpus):
     g = governor(tmp_path)
     config = strategy(corpus).round_config(g.governance, 30.0)
     assert ROUND_CONFIG_KEYS | {"rules", "params"} == set(config)
-    assert (config["inner_steps"], config["batch_size"], config["deadline_s"]) == (40, 16, 30.0)
+    assert (config["inner_steps"], config["batch"], config["deadline_seconds"]) == (40, 16, 30.0)
     listed = [r for r in g.describe()["rules"] if r["action"] == "round_config" and r["enabled"]]
     assert config["rules"] == listed and len(listed) >= 5
     assert config["params"] == g.describe()["params"]
@@ -115,3 +115,18 @@ def test_the_model_bytes_are_made_once_and_follow_the_model():
     model.advance(Checkpoint(1, first + 1, np.zeros(3, np.float32)))
     assert model.bytes == (first + 1).astype("<f4").tobytes()
     assert (model.round, model.previous_hash, model.hash) == (1, old_hash, model_hash(first + 1))
+
+
+def test_a_job_stored_under_the_old_setting_names_resumes_under_the_one_name(tmp_path, corpus):
+    from dataclasses import asdict
+
+    from server.coordinator.job import load_job
+
+    store = Store(tmp_path / "state.db")
+    old = {**asdict(JobConfig(batch=12, deadline_seconds=45.0))}
+    old["batch_size"], old["round_deadline"] = old.pop("batch"), old.pop("deadline_seconds")
+    store.set_meta("job", old)
+    store.set_meta("corpus", {"name": corpus.name, "sha256": corpus.digest})
+    job = load_job(store, tmp_path, corpus, JobConfig(rounds=3))
+    assert (job.batch, job.deadline_seconds, job.rounds) == (12, 45.0, 3)
+    assert "batch_size" not in store.get_meta("job") and store.get_meta("job")["batch"] == 12

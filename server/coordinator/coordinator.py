@@ -91,7 +91,7 @@ class Coordinator:
         """The job as nodes and users see it: the fixed model and the governed parameters in force."""
         p = self.governor.params
         return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
-                "inner_steps": int(p["inner_steps"]), "batch_size": int(p["batch"]), "lr": float(p["lr"]),
+                "inner_steps": int(p["inner_steps"]), "batch": int(p["batch"]), "lr": float(p["lr"]),
                 "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec), "rounds": self.job.rounds,
                 "deadline_seconds": self.deadline_seconds}
 

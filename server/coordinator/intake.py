@@ -288,7 +288,7 @@ class Intake:
         if rnd is None or session.node_id not in rnd.assignments:
             return "not_assigned", f"this node was given no assignment for round {u.round + 1}"
         seq = int(rnd.config["seq_len"])
-        steps, batch = int(rnd.config["inner_steps"]), int(rnd.config["batch_size"])
+        steps, batch = int(rnd.config["inner_steps"]), int(rnd.config["batch"])
         allowed = tokens_allowed(steps, batch, seq)
         if not 1 <= u.inner_steps <= steps:
             return "claims", f"{u.inner_steps} inner steps claimed; the assignment allows 1 to {steps}"

@@ -44,8 +44,8 @@ class JobConfig:
     inner_steps: int = 50
     lr: float = 3e-3
     weight_decay: float = 0.0
-    batch_size: int = 16
-    round_deadline: float = 60.0  # seconds from a round's opening to its deadline
+    batch: int = 16  # sequences per inner step
+    deadline_seconds: float = 60.0  # seconds from a round's opening to its deadline
     rounds: int = 0  # 0 = forever
     outer_lr: float = DEFAULT_OUTER_LR
     outer_momentum: float = DEFAULT_OUTER_MOMENTUM
@@ -57,8 +57,8 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         model_config(self.model)  # KeyError naming the known sizes
-        if self.inner_steps < 1 or self.batch_size < 1 or self.round_deadline <= 0 or self.rounds < 0:
-            raise ValueError("inner_steps and batch_size must be >= 1, round_deadline > 0, rounds >= 0")
+        if self.inner_steps < 1 or self.batch < 1 or self.deadline_seconds <= 0 or self.rounds < 0:
+            raise ValueError("inner_steps and batch must be >= 1, deadline_seconds > 0, rounds >= 0")
         if not 0.0 <= self.verify_share <= 1.0:
             raise ValueError(f"verify_share must lie in [0, 1], got {self.verify_share}")
         if self.aggregator not in aggregation.RULES:
@@ -70,9 +70,12 @@ class JobConfig:
 
     def governed(self) -> dict:
         """The governed parameters, under the names governance uses."""
-        return {"inner_steps": self.inner_steps, "lr": self.lr, "batch": self.batch_size,
-                "aggregator": self.aggregator, "deadline_seconds": self.round_deadline, "outer_lr": self.outer_lr,
+        return {"inner_steps": self.inner_steps, "lr": self.lr, "batch": self.batch,
+                "aggregator": self.aggregator, "deadline_seconds": self.deadline_seconds, "outer_lr": self.outer_lr,
                 "outer_momentum": self.outer_momentum}
+
+
+RENAMED = {"batch_size": "batch", "round_deadline": "deadline_seconds"}  # old stored name -> the one name now
 
 
 def load_job(store: Store, data_dir: Path, corpus: Corpus, job: JobConfig) -> JobConfig:
@@ -83,6 +86,7 @@ def load_job(store: Store, data_dir: Path, corpus: Corpus, job: JobConfig) -> Jo
         store.set_meta("job", asdict(job))
         store.set_meta("corpus", {"name": corpus.name, "sha256": corpus.digest})
         return job
+    stored = {RENAMED.get(k, k): v for k, v in stored.items()}  # a job stored before the settings were renamed
     stored_job = JobConfig(**stored)
     if stored_job.model != job.model:
         raise JobMismatch(f"{data_dir} holds a job for model {stored_job.model!r}, not {job.model!r}; "

@@ -68,8 +68,8 @@ class RoundStrategy:
         parameters, each as GET /api/governance lists them."""
         p = governance.params
         config = {"inner_steps": int(p["inner_steps"]), "lr": float(p["lr"]), "weight_decay": self.job.weight_decay,
-                  "batch_size": int(p["batch"]), "seq_len": self.cfg.block_size,
-                  "codec": self.codec.to_dict(), "deadline_s": deadline_seconds}
+                  "batch": int(p["batch"]), "seq_len": self.cfg.block_size,
+                  "codec": self.codec.to_dict(), "deadline_seconds": deadline_seconds}
         planning = {"rules": [rule.to_dict() for rule in governance.rules.for_action("round_config")],
                     "params": dict(p)}
         size = len(json.dumps(planning))

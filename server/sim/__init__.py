@@ -75,7 +75,7 @@ class SimOptions:
     churn: float = 0.0  # share of workers replaced by new ones (new keys) after each round
     rounds: int = 10
     inner_steps: int = 10
-    batch_size: int = 8
+    batch: int = 8
     lr: float = 3e-3
     outer_lr: float = JobConfig().outer_lr
     outer_momentum: float = JobConfig().outer_momentum
@@ -109,8 +109,8 @@ class SimOptions:
             raise SimulationError(f"--churn must be a fraction in [0, 1), got {self.churn}")
         if self.tolerate is not None and not 0.0 <= self.tolerate < MAX_BYZANTINE:
             raise SimulationError(f"--tolerate must be a fraction in [0, {MAX_BYZANTINE}), got {self.tolerate}")
-        if self.rounds < 1 or self.inner_steps < 1 or self.batch_size < 1 or self.threads < 1:
-            raise SimulationError("--rounds, --inner-steps, --batch-size and --threads must be at least 1")
+        if self.rounds < 1 or self.inner_steps < 1 or self.batch < 1 or self.threads < 1:
+            raise SimulationError("--rounds, --inner-steps, --batch and --threads must be at least 1")
         if self.corpus_bytes < 65_536:
             raise SimulationError(f"--corpus-bytes must be at least 65536 (one shard), got {self.corpus_bytes}")
         if self.model not in MODEL_SIZES:
@@ -159,7 +159,7 @@ class Simulation:
         self.progress = progress or ProgressBar(False)
         rules = options.rules.read_text() if options.rules else simulation_rules()
         job = JobConfig(model=options.model, inner_steps=options.inner_steps, lr=options.lr,
-                        batch_size=options.batch_size, round_deadline=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
+                        batch=options.batch, deadline_seconds=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
                         codec=options.codec, seed=options.seed, verify_share=options.verify_share)
@@ -410,7 +410,7 @@ def write_plot(path: Path, rows: list[dict], title: str) -> None:
 def describe(o: SimOptions) -> str:
     attack = f"{o.attackers} {o.attack} attacker(s)" if o.attackers else "no attackers"
     return (f"{o.workers} workers, {attack}, {o.aggregator}, {o.codec}, churn {o.churn:g}, H={o.inner_steps}, "
-            f"batch {o.batch_size}, seed {o.seed}")
+            f"batch {o.batch}, seed {o.seed}")
 
 
 class ProgressBar:
@@ -512,7 +512,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="rounds to run (default: %(default)s)")
     p.add_argument("--inner-steps", type=int_at_least(1), default=d.inner_steps,
                    help="local AdamW steps per round, H (default: %(default)s)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size,
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int_at_least(1), default=d.batch,
                    help="sequences per inner step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="inner AdamW learning rate (default: %(default)s)")
     p.add_argument("--outer-lr", type=float, default=d.outer_lr,
@@ -558,7 +558,7 @@ def main(argv: list[str]) -> int:
     try:
         options = SimOptions(workers=args.workers, byzantine=args.byzantine, attack=args.attack,
                              aggregator=args.aggregator, codec=args.codec, churn=args.churn, rounds=args.rounds,
-                             inner_steps=args.inner_steps, batch_size=args.batch_size, lr=args.lr,
+                             inner_steps=args.inner_steps, batch=args.batch, lr=args.lr,
                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
                              seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,
                              data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads,

@@ -28,7 +28,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_proposal_passed_by_vote_changes_the_next_rounds_config(processes, loopback_namespace, tmp_path):
-    coordinator = processes.coordinator("--inner-steps", "6", "--batch-size", "8", "--round-deadline", "120")
+    coordinator = processes.coordinator("--inner-steps", "6", "--batch", "8", "--deadline-seconds", "120")
     coordinator.wait_ready()
     key = tmp_path / "trainer.key"
     processes.trainer(coordinator.url, "--key-file", str(key))
@@ -73,8 +73,8 @@ class GovernanceApi:
 def a_job_whose_trainer_earned_reputation(processes, tmp_path):
     """A one-round job, finished, so that no round commits while the test runs; its one trainer's accepted update
     earned it reputation. Returns the coordinator and the trainer's key."""
-    coordinator = processes.coordinator("--inner-steps", "2", "--batch-size", "8", "--rounds", "1",
-                                        "--round-deadline", "600")
+    coordinator = processes.coordinator("--inner-steps", "2", "--batch", "8", "--rounds", "1",
+                                        "--deadline-seconds", "600")
     coordinator.wait_ready()
     key_file = tmp_path / "worker.key"
     processes.trainer(coordinator.url, "--key-file", str(key_file), "--transport", "websocket")
@@ -130,7 +130,7 @@ def test_votes_from_fresh_keys_are_refused_unstored_and_a_vote_with_weight_is_on
 
 
 def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(processes, loopback_namespace):
-    coordinator = processes.coordinator("--round-deadline", "600")
+    coordinator = processes.coordinator("--deadline-seconds", "600")
     coordinator.wait_ready()
 
     async def scenario():
@@ -175,7 +175,7 @@ def test_a_trainer_slower_than_the_deadline_adapts_h_and_makes_the_next_deadline
     assert "value = 6.0" in rules
     (tmp_path / "rules.toml").write_text(rules)
     job_h, step_floor, longest_deadline = 300, 0.025, 6.0
-    coordinator = processes.coordinator("--inner-steps", str(job_h), "--batch-size", "8", "--round-deadline", "5",
+    coordinator = processes.coordinator("--inner-steps", str(job_h), "--batch", "8", "--deadline-seconds", "5",
                                         "--rules", str(tmp_path / "rules.toml"))
     coordinator.wait_ready()
     # slow by construction, on any machine: every step sleeps 25 ms first, so the job's 300 steps take at least

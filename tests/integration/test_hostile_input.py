@@ -39,7 +39,7 @@ next_member = itertools.cycle(MEMBERS).__next__
 def coordinator(tmp_path_factory):
     """One coordinator for the whole module (starting one takes seconds); no round closes while it runs."""
     tmp = tmp_path_factory.mktemp("hostile")
-    c = Coordinator(tmp, tmp / "data", "--round-deadline", "600")
+    c = Coordinator(tmp, tmp / "data", "--deadline-seconds", "600")
     try:
         c.wait_ready()
         yield c

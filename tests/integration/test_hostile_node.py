@@ -36,7 +36,7 @@ def stored_updates(coordinator) -> list[tuple]:
 
 @pytest.fixture
 def coordinator(processes):
-    c = processes.coordinator("--round-deadline", "600", "--verify-share", "0")
+    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0")
     c.wait_ready()
     return c
 
@@ -85,7 +85,7 @@ def test_a_replayed_update_is_refused_in_the_next_round_and_paid_once(coordinato
 def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_votes(processes, verify_share, rule):
     # without spot checks a near-copy is refused as such; with them (the default), suspected copies are
     # re-executed from their own assignments first, and a copy does not reproduce from its own
-    coordinator = processes.coordinator("--round-deadline", "600", "--verify-share", verify_share)
+    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", verify_share)
     coordinator.wait_ready()
 
     async def scenario():
@@ -114,7 +114,7 @@ def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_vo
 
 
 def test_a_fabricated_update_fails_its_spot_check_and_earns_nothing(processes):
-    coordinator = processes.coordinator("--round-deadline", "600", "--verify-share", "1")
+    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", "1")
     coordinator.wait_ready()
 
     async def scenario():
@@ -205,7 +205,7 @@ def test_a_trainer_refused_by_a_join_limit_retries_instead_of_exiting(processes,
     text = DEFAULT_RULES_PATH.read_text()
     assert 'op = "<", value = 60' in text
     rules.write_text(text.replace('op = "<", value = 60', 'op = "<", value = 1'))  # one new key a minute
-    coordinator = processes.coordinator("--round-deadline", "600", "--rules", str(rules))
+    coordinator = processes.coordinator("--deadline-seconds", "600", "--rules", str(rules))
     coordinator.wait_ready()
 
     async def first():

@@ -14,7 +14,7 @@ from server.coordinator.store import Store
 from tests.conftest import ROOT
 from tests.test_books import overpay, rewrite_books
 
-TRAIN_ARGS = ("--inner-steps", "2", "--batch-size", "4", "--round-deadline", "120", "--rounds", "2")
+TRAIN_ARGS = ("--inner-steps", "2", "--batch", "4", "--deadline-seconds", "120", "--rounds", "2")
 
 
 def verify(data_dir: Path, *extra: str) -> subprocess.CompletedProcess:

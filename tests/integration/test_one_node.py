@@ -10,7 +10,7 @@ import re
 from server.sim import SimOptions, run_simulation
 from server.sim.worker import worker_key
 
-JOB = {"inner_steps": 3, "batch_size": 4, "lr": 2e-3, "seed": 7}
+JOB = {"inner_steps": 3, "batch": 4, "lr": 2e-3, "seed": 7}
 
 
 def corpus_file(path):
@@ -27,7 +27,7 @@ def test_a_simulated_worker_and_a_trainer_process_send_the_same_update_bytes(pro
     key_file.write_bytes(hashlib.sha256(f"swarmgrad-sim:{JOB['seed']}:0".encode()).digest())  # worker 0's key
 
     coordinator = processes.coordinator("--data", str(data), "--inner-steps", str(JOB["inner_steps"]),
-                                        "--batch-size", str(JOB["batch_size"]), "--lr", str(JOB["lr"]),
+                                        "--batch", str(JOB["batch"]), "--lr", str(JOB["lr"]),
                                         "--seed", str(JOB["seed"]), "--rounds", "1", "--verify-share", "0")
     coordinator.wait_ready()
     trainer = processes.trainer(coordinator.url, "--key-file", str(key_file), "--log-level", "INFO",

@@ -106,7 +106,7 @@ def run(coro):
 @pytest.fixture
 def coordinator(processes):
     # these clients send made-up values, which a spot check would rightly find fake: none is re-executed here
-    c = processes.coordinator("--round-deadline", "600", "--verify-share", "0")
+    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0")
     c.wait_ready()
     return c
 
@@ -181,7 +181,7 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
 
 
 def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(processes):
-    coordinator = processes.coordinator("--round-deadline", "5", "--verify-share", "0")
+    coordinator = processes.coordinator("--deadline-seconds", "5", "--verify-share", "0")
     coordinator.wait_ready()
 
     async def scenario():

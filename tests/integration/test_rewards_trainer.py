@@ -20,7 +20,7 @@ from shared.wire import RoundOpen
 def test_a_real_trainer_earns_a_receipt_it_verifies_and_ledger_verify_accepts_the_books(processes,
                                                                                       loopback_namespace, tmp_path):
     # a tiny job: two rounds of two inner steps; the default share of spot checks re-executes a new node's updates
-    coordinator = processes.coordinator("--inner-steps", "2", "--batch-size", "4", "--round-deadline", "600",
+    coordinator = processes.coordinator("--inner-steps", "2", "--batch", "4", "--deadline-seconds", "600",
                                         "--rounds", "2")
     coordinator.wait_ready()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-TRAIN_ARGS = ("--inner-steps", "6", "--batch-size", "8", "--round-deadline", "90")
+TRAIN_ARGS = ("--inner-steps", "6", "--batch", "8", "--deadline-seconds", "90")
 
 
 def test_two_trainers_train_tiny_together_over_webrtc(processes, loopback_namespace):
