@@ -21,7 +21,7 @@ from shared.batches import batch_starts
 from shared.model import GPTConfig, num_parameters
 from shared.node import Work
 from shared.rewards import Ledger, RewardTerms
-from shared.wire import (Bye, Challenge, FrameReceiver, Hello, ModelRequest, PathSelect, Receipt, RoundClosed,
+from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, ModelRequest, PathSelect, Receipt, RoundClosed,
                          RoundOpen, Sdp, Update, UpdateResult, Welcome, decode_message, payload_frames)
 
 NODE = "ab" * 32
@@ -247,10 +247,14 @@ class FakeBridge:
             for chunk in chunks:
                 self.deliver(chunk)
         elif isinstance(item, tuple) and item[0].kind == "update":
-            entry = self.ledger.grant(NODE, round=0, terms=RewardTerms())
-            for message in (UpdateResult(0, True), RoundClosed(1, 2.5, 1, 0), Receipt(entry.to_dict(), SIGNATURE),
-                            Bye("the job has finished")):
+            for message in self.after_update():
                 self.deliver(message)
+
+    def after_update(self) -> list:
+        """What the coordinator sends once the update arrived: verdict, close, receipt, goodbye."""
+        entry = self.ledger.grant(NODE, round=0, terms=RewardTerms())
+        return [UpdateResult(0, True), RoundClosed(1, 2.5, 1, 0), Receipt(entry.to_dict(), SIGNATURE),
+                Bye("the job has finished")]
 
     # WebCrypto and fetch
     async def sign(self, data):
@@ -353,3 +357,20 @@ def test_stop_during_training_says_goodbye_and_ends_stopped():
     assert any(isinstance(m, Bye) and m.reason == "stopped" for m in bridge.received)
     assert not any(isinstance(m, Update) for m in bridge.received)
     assert not bridge.events("finished")
+
+
+class QuarantiningBridge(FakeBridge):
+    """The coordinator removes the node when its update arrives, as it does a node below the reputation floor."""
+
+    def after_update(self) -> list:
+        return [Error("quarantined", "reputation below the floor", fatal=True)]
+
+
+def test_quarantine_ends_the_browser_node_as_it_ends_the_trainer():
+    """The same ending as tests/test_node.py's trainer (exit code 2 there): refused, no reconnect. The browser
+    used to read quarantine as a lost link and reconnect."""
+    bridge = QuarantiningBridge()
+    outcome = session(bridge)
+    assert outcome == "refused: the coordinator refused this node: [quarantined] reputation below the floor"
+    assert bridge.events("fatal") and not [r for r in bridge.events("state") if r["state"] == "reconnecting"]
+    assert sum(isinstance(m, Hello) for m in bridge.signals) == 1
