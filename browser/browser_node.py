@@ -102,6 +102,12 @@ class BrowserPort(NodePort):
     async def fetch_shard(self, index: int) -> bytes:
         return js_bytes(await self.bridge.fetchBytes(f"/api/shards/{index}"))
 
+    async def fetch_blob(self, name: str) -> bytes | None:
+        try:
+            return js_bytes(await self.bridge.fetchBytes(f"/api/blobs/{name}"))
+        except JsException:  # not served (any more): the node asks over its link instead
+            return None
+
     def _trainer(self, batch: int, params: Any) -> DeviceTrainer:
         if self.trainer is None or self.trainer.max_batch_size < batch:
             self.trainer = DeviceTrainer(self.device, self.cfg, params, max_batch_size=batch)

@@ -97,6 +97,17 @@ class TorchPort(ClientLinks):
         except OSError as e:
             raise Disconnected(f"cannot fetch shard {index}: {e}") from e
 
+    async def fetch_blob(self, name: str) -> bytes | None:
+        def fetch() -> bytes:
+            with urllib.request.urlopen(f"{self.http_base}/api/blobs/{name}", timeout=30) as r:
+                return r.read()
+
+        try:
+            return await asyncio.to_thread(fetch)
+        except OSError as e:
+            log.info("blob %s… not fetched: %s", name[:12], e)
+            return None
+
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return np.frombuffer(data, "<f4").astype(np.float32)
 
@@ -123,6 +134,10 @@ class TorchPort(ClientLinks):
             log.warning("connection to the coordinator lost: %s", f["message"])
         elif event == "round" and f["plan"]:
             log.info("round %d: %s", f["round"], f["plan"])
+        elif event == "model" and f["source"] == "blobs":
+            log.info("round %d: model fetched as %d chunks (%d bytes) over HTTP", f["round"], f["chunks"], f["bytes"])
+        elif event == "model":
+            log.info("round %d: model fetched over the %s (%d bytes)", f["round"], f["source"], f["bytes"])
         elif event == "uploaded":
             log.info("round %d: uploaded %d bytes, sha256 %s", f["round"] + 1, f["bytes"], f["sha256"])
         elif event == "round_closed":

@@ -23,6 +23,7 @@ from shared import compress
 from shared.agent import RoundPlanner
 from shared.batches import ScheduleError, batch_seed, batch_starts, tokens_allowed
 from shared.identity import signing_bytes
+from shared.manifest import Manifest, ManifestError, assemble
 from shared.model import GPTConfig, num_parameters
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest, PathSelect,
@@ -34,6 +35,7 @@ DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport
 RESULT_TIMEOUT_S = 120.0
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
+BLOB_FETCHES = 4  # chunks in flight at once
 REMOVED_CODES = ("quarantined", "denied")  # a fatal Error with one of these ends the node: retrying cannot help
 TRANSPORTS = ("auto", "webrtc", "websocket")
 
@@ -148,6 +150,11 @@ class NodePort:
     async def fetch_shard(self, index: int) -> Any:
         raise NotImplementedError
 
+    async def fetch_blob(self, name: str) -> bytes | None:
+        """A chunk or manifest by its sha256 from wherever this node reaches blobs (the coordinator's
+        /api/blobs); None when it cannot. The node checks every byte against the name."""
+        return None
+
     def load_model(self, model_hash: str, data: bytes) -> Any:
         """The global model's little-endian float32 bytes, as this node keeps them."""
         return data
@@ -165,8 +172,8 @@ class NodePort:
         raise NotImplementedError
 
     def report(self, event: str, **fields: Any) -> None:
-        """Progress for the user: events "state", "round", "uploaded", "update", "round_closed", "receipt",
-        "notice", "finished", "fatal"."""
+        """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "blobs"
+        or "link"), "uploaded", "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
 
 
 class Node:
@@ -453,6 +460,10 @@ class Node:
         if self.model_hash == assignment.model_hash:
             return None
         self.phase = Phase.FETCHING
+        data = await self._fetch_blobs(assignment) if assignment.manifest else None
+        if data is not None:
+            self.model, self.model_hash = self.port.load_model(assignment.model_hash, data), assignment.model_hash
+            return None
         await self._send(ModelRequest(assignment.round, assignment.model_hash).encode())
         while True:
             item = await self._next()
@@ -461,12 +472,43 @@ class Node:
                 if header.sha256 != assignment.model_hash:  # the receiver already checked data against it
                     raise Disconnected("the model payload does not match the signed hash")
                 self.model, self.model_hash = self.port.load_model(header.sha256, data), header.sha256
+                self.port.report("model", round=assignment.round + 1, source="link", bytes=len(data), chunks=0)
                 return newer
             if isinstance(item, UpdateResult) and not item.accepted:
                 self.port.report("notice", message=f"model request refused: {item.reason}")
                 return newer
             if isinstance(item, RoundOpen):
                 newer = item
+
+    async def _fetch_blobs(self, assignment: RoundOpen) -> bytes | None:
+        """The round's model from the chunks of its signed manifest; None when this node cannot fetch blobs, or a
+        piece is missing or does not check out (then it asks for the model over its link)."""
+        raw = await self.port.fetch_blob(assignment.manifest)
+        if raw is None:
+            return None
+        try:
+            manifest = Manifest.from_bytes(raw, assignment.manifest)
+            if manifest.result_hash != assignment.model_hash:
+                raise ManifestError("the manifest is of another model than the round's")
+            if not await self.port.verify(self.coordinator_id, manifest.signing_bytes(), manifest.signature):
+                raise ManifestError("the manifest's signature is not the coordinator's")
+            slots = asyncio.Semaphore(BLOB_FETCHES)
+
+            async def fetch(name: str) -> bytes | None:
+                async with slots:
+                    return await self.port.fetch_blob(name)
+
+            chunks = await asyncio.gather(*(fetch(name) for name in manifest.chunks))
+            if any(chunk is None for chunk in chunks):
+                return None
+            data = assemble(manifest, chunks)
+        except ManifestError as e:
+            self.port.report("notice", message=f"round {assignment.round + 1}: the model's blobs do not check out "
+                                               f"({e}); asking the coordinator over the link instead")
+            return None
+        self.port.report("model", round=assignment.round + 1, source="blobs", bytes=len(data),
+                         chunks=len(manifest.chunks))
+        return data
 
     async def _work(self, assignment: RoundOpen, steps: int, batch: int) -> Work:
         cfg = assignment.config

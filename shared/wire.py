@@ -238,11 +238,16 @@ class RoundOpen(Message):
     config: dict
     shard: int
     deadline: float  # unix time by which the update must arrive
+    # the name of the model's signed manifest (shared/manifest.py), whose chunks any holder serves by their sha256;
+    # "" when the model is only sent in-band (ModelRequest)
+    manifest: str = ""
 
     def check(self):
         _need(self.round >= 0 and self.shard >= 0, "round and shard must be non-negative")
         _hex(self.model_hash, 64, "model_hash")
         _hex(self.model_signature, 128, "model_signature")
+        if self.manifest:
+            _hex(self.manifest, 64, "manifest")
 
 
 @message("model_request")

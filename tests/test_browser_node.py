@@ -16,6 +16,9 @@ import pytest
 
 from browser import browser_node
 from browser.browser_node import BrowserNode, BrowserPort, batches_at, sample_batches
+from server.coordinator.blobs import BlobStore
+from server.keys import NodeKey, SignatureError
+from server.keys import verify as verify_signature
 from shared import compress
 from shared.batches import batch_starts
 from shared.model import GPTConfig, num_parameters
@@ -250,6 +253,10 @@ class FakeBridge:
             for message in self.after_update():
                 self.deliver(message)
 
+    def manifest(self) -> str:
+        """The name of the model's manifest in the round's assignment: none here, so the model comes in-band."""
+        return ""
+
     def after_update(self) -> list:
         """What the coordinator sends once the update arrived: verdict, close, receipt, goodbye."""
         entry = self.ledger.grant(NODE, round=0, terms=RewardTerms())
@@ -274,7 +281,7 @@ class FakeBridge:
             model_hash = hashlib.sha256(self.model).hexdigest()
             config = {"inner_steps": STEPS, "batch": BATCH, "seq_len": SEQ, "lr": 1e-3, "weight_decay": 0.0,
                       "codec": spec(self.codec).to_dict(), "deadline_seconds": 60.0}
-            self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60))
+            self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60, self.manifest()))
         elif self.reports[-1]["event"] == "notice" and "not finite" in self.reports[-1]["message"]:
             self.deliver(Bye("the job has finished"))
 
@@ -374,3 +381,53 @@ def test_quarantine_ends_the_browser_node_as_it_ends_the_trainer():
     assert outcome == "refused: the coordinator refused this node: [quarantined] reputation below the floor"
     assert bridge.events("fatal") and not [r for r in bridge.events("state") if r["state"] == "reconnecting"]
     assert sum(isinstance(m, Hello) for m in bridge.signals) == 1
+
+
+class BlobBridge(FakeBridge):
+    """A coordinator that serves the model as blobs (server/coordinator/blobs.py) at /api/blobs, and signs its
+    manifest with a real key: the page fetches the chunks with fetch() and never asks over the link."""
+
+    def __init__(self, tamper: bool = False):
+        super().__init__()
+        self.key = NodeKey()
+        self.blobs = BlobStore(self.key)
+        self.published = self.blobs.publish(0, self.model)
+        self.tamper = tamper
+
+    def manifest(self) -> str:
+        return self.published.sha256
+
+    async def verify(self, node_id, data, signature):
+        if signature == SIGNATURE:
+            return await super().verify(node_id, data, signature)
+        try:
+            verify_signature(self.key.node_id, bytes(data), signature)
+            return True
+        except SignatureError:
+            return False
+
+    async def fetchBytes(self, path):
+        if not path.startswith("/api/blobs/"):
+            return await super().fetchBytes(path)
+        data = self.blobs.get(path.rsplit("/", 1)[1])
+        if data is None:
+            raise RuntimeError(f"GET {path} failed: HTTP 404")
+        return data[:-1] + bytes([data[-1] ^ 1]) if self.tamper and path.endswith(self.published.chunks[-1]) else data
+
+
+def test_the_page_fetches_the_model_as_checked_blobs_and_not_over_the_link():
+    bridge = BlobBridge()
+    assert session(bridge).startswith("finished")
+    assert not any(isinstance(m, ModelRequest) for m in bridge.received)
+    (model,) = bridge.events("model")
+    assert (model["source"], model["bytes"], model["chunks"]) == ("blobs", len(bridge.model), 1)
+    assert any(isinstance(m, tuple) and m[0].kind == "update" for m in bridge.received)
+
+
+def test_a_chunk_that_does_not_match_its_name_is_dropped_and_the_model_comes_over_the_link():
+    bridge = BlobBridge(tamper=True)
+    assert session(bridge).startswith("finished")
+    assert any(isinstance(m, ModelRequest) for m in bridge.received)
+    (notice,) = bridge.events("notice")
+    assert "do not check out" in notice["message"]
+    assert [m["source"] for m in bridge.events("model")] == ["link"]

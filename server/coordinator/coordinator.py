@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from server.coordinator.blobs import BlobStore
 from server.coordinator.checkpoint import Checkpoint, prune_checkpoints, write_checkpoint
 from server.coordinator.governor import Governor
 from server.coordinator.intake import Intake, NodeSession, Refusal
@@ -66,6 +67,8 @@ class Coordinator:
         self.changed = asyncio.Event()  # a session came or went, or an update was decided
         self.open_round: OpenRound | None = None
         self.model = load_model(self.store, data_dir, self.key, self.job, self.strategy)
+        self.blobs = BlobStore(self.key)  # the model's chunks and signed manifest, for GET /api/blobs/{sha256}
+        self.blobs.publish(self.model.round, self.model.bytes)
 
     # -- the job and its model ------------------------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class Coordinator:
                                 self.governor.ledger.balances(), books["meta"], books["proposals"])
         self.governor.committed()
         self.model.advance(ckpt)  # only after the commit does the new model become current
+        self.blobs.publish(self.model.round, self.model.bytes)
         self.open_round = None
         high = self.governor.governance.rules.bounds("storage", "checkpoints_kept").high
         prune_checkpoints(self.data_dir / "checkpoints", None if high is None else int(high))

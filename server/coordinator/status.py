@@ -39,6 +39,7 @@ def status(coordinator: Coordinator) -> dict:
         "round": c.round,
         "val_loss": None if last is None else last.val_loss,
         "model_hash": c.model_hash,
+        "manifest": c.blobs.manifest_of(c.model_hash),  # the model's signed manifest, at /api/blobs/{manifest}
         "state": "finished" if c.finished else "training",
         "open_round": open_round,
         "coordinator_id": c.key.node_id,

@@ -34,6 +34,7 @@ PYODIDE_DIR = PROJECT_ROOT / "node_modules" / "pyodide"
 MAX_REQUEST_BYTES = 65_536  # a signed proposal or vote is a few hundred bytes; nothing we accept is larger
 LEDGER_PAGE = 200  # /api/ledger's entries when no limit is asked for ...
 MAX_LEDGER_PAGE = 10_000  # ... and at most, whatever the limit asked for
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def refusal(code: str, message: str, status_code: int = 400) -> JSONResponse:
@@ -113,6 +114,20 @@ def create_app(coordinator: Coordinator) -> Starlette:
             return JSONResponse({"error": f"bad shard index: {e}"}, status_code=400)
         return Response(data, media_type="application/octet-stream")
 
+    async def blob(request: Request) -> Response:
+        """A chunk or manifest by its sha256 (shared/manifest.py): immutable, so any cache or CDN may keep it."""
+        name = request.path_params["sha256"]
+        if len(name) != 64 or not set(name) <= HEX_DIGITS:
+            return refusal("bad_name", "a blob is named by its sha256: 64 lowercase hex characters")
+        etag = f'"{name}"'
+        headers = {"Cache-Control": "public, max-age=31536000, immutable", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        data = coordinator.blobs.get(name)
+        if data is None:
+            return refusal("not_found", "no such blob here (it may be of a model no longer served)", 404)
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         task = asyncio.create_task(coordinator.run(), name="rounds")
@@ -134,6 +149,7 @@ def create_app(coordinator: Coordinator) -> Starlette:
         Route("/dashboard", dashboard),
         Route("/api/status", status),
         Route("/api/shards/{index}", shard),
+        Route("/api/blobs/{sha256}", blob),
         Route("/api/governance", governance),
         Route("/api/governance/proposals", proposals, methods=["POST"]),
         Route("/api/governance/votes", votes, methods=["POST"]),

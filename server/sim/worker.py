@@ -128,6 +128,9 @@ class SimPort(KeyedPort):
     async def fetch_shard(self, index: int) -> torch.Tensor:
         return self.sim.shard(index)
 
+    async def fetch_blob(self, name: str) -> bytes | None:
+        return self.sim.coordinator.blobs.get(name)  # what GET /api/blobs/{name} serves
+
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return self.sim.model_for(model_hash, data)
 

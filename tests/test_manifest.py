@@ -1,0 +1,89 @@
+"""Content-addressed models (shared/manifest.py) and the coordinator's blob store: a model's chunks and its signed
+manifest check out against their names, and anything altered is refused with a ManifestError."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from server.coordinator.blobs import BlobStore
+from server.keys import NodeKey, verify
+from shared.manifest import BLOB_CHUNK_BYTES, Manifest, ManifestError, assemble, cut, snapshot_manifest
+
+MODEL = bytes(range(256)) * 2500  # 640,000 bytes: two full chunks and a short one
+
+
+def published(store: BlobStore, round_: int = 3, data: bytes = MODEL) -> tuple[Manifest, dict[str, bytes]]:
+    manifest = store.publish(round_, data)
+    return manifest, {name: store.get(name) for name in (manifest.sha256, *manifest.chunks)}
+
+
+def test_a_published_model_reassembles_from_its_named_chunks_under_a_valid_signature():
+    key = NodeKey()
+    manifest, blobs = published(BlobStore(key))
+    parsed = Manifest.from_bytes(blobs[manifest.sha256], manifest.sha256)
+    assert parsed == manifest and parsed.kind == "snapshot" and parsed.round == 3
+    verify(key.node_id, parsed.signing_bytes(), parsed.signature)  # raises when it does not verify
+    assert len(parsed.chunks) == 3 and [len(blobs[c]) for c in parsed.chunks] == [BLOB_CHUNK_BYTES] * 2 + [
+        len(MODEL) - 2 * BLOB_CHUNK_BYTES]
+    assert all(hashlib.sha256(blobs[c]).hexdigest() == c for c in parsed.chunks)
+    assert assemble(parsed, [blobs[c] for c in parsed.chunks]) == MODEL
+    assert parsed.result_hash == hashlib.sha256(MODEL).hexdigest()
+
+
+def test_an_altered_chunk_or_manifest_is_refused():
+    manifest, blobs = published(BlobStore(NodeKey()))
+    chunks = [bytearray(blobs[c]) for c in manifest.chunks]
+    chunks[1][7] ^= 1
+    with pytest.raises(ManifestError, match="chunk 1"):
+        assemble(manifest, [bytes(c) for c in chunks])
+    with pytest.raises(ManifestError, match="4 chunks for a manifest of 3"):
+        assemble(manifest, [blobs[c] for c in manifest.chunks] + [b"x"])
+    text = blobs[manifest.sha256].replace(b'"round":3', b'"round":4')
+    with pytest.raises(ManifestError, match="do not match its name"):
+        Manifest.from_bytes(text, manifest.sha256)
+    forged = Manifest(**{**manifest.__dict__, "round": 4})  # re-named to match, but the signature is for round 3
+    with pytest.raises(Exception, match="signature"):
+        verify(NodeKey().node_id, forged.signing_bytes(), forged.signature)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"kind": "delta"}, "kind"),
+    ({"base_hash": "ab" * 32}, "no base"),
+    ({"size": 1}, "chunks, not"),
+    ({"size": 0}, "size"),
+    ({"chunks": ["XY" * 32] * 3}, "chunk 0"),
+    ({"result_hash": "short"}, "result_hash"),
+    ({"round": -1}, "round"),
+    ({"signature": "00"}, "signature"),
+    ({"extra": 1}, "unknown manifest fields"),
+])
+def test_a_malformed_manifest_is_a_typed_error(change, message):
+    manifest, _ = published(BlobStore(NodeKey()))
+    fields = {**json.loads(manifest.to_bytes()), **change}
+    data = json.dumps(fields).encode()
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_bytes(data, hashlib.sha256(data).hexdigest())
+
+
+def test_not_json_is_a_typed_error():
+    with pytest.raises(ManifestError, match="malformed"):
+        Manifest.from_bytes(b"{not json", hashlib.sha256(b"{not json").hexdigest())
+
+
+def test_the_store_serves_the_last_two_models_and_forgets_older_ones():
+    store = BlobStore(NodeKey())
+    first, _ = published(store, 1, MODEL)
+    second, _ = published(store, 2, MODEL[::-1])
+    third, _ = published(store, 3, MODEL[1:] + b"!")
+    assert store.manifest_of(first.result_hash) == "" and store.get(first.sha256) is None
+    assert store.manifest_of(third.result_hash) == third.sha256 and store.get(second.sha256) is not None
+    assert store.get("0" * 64) is None
+
+
+def test_cut_and_the_unsigned_manifest_agree():
+    chunks = cut(MODEL)
+    manifest = snapshot_manifest(0, MODEL, chunks)
+    assert b"".join(bytes(c) for c in chunks) == MODEL and manifest.size == len(MODEL)
