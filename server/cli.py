@@ -47,6 +47,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the initial parameters (default: %(default)s)")
     p.add_argument("--codec", default=d.codec, type=codec_option, metavar="CODEC",
                    help=CODEC_HELP + "; fixed for the job's life (default: %(default)s)")
+    p.add_argument("--delta-codec", default=d.delta_codec, type=codec_option, metavar="CODEC",
+                   help="how each round's model change travels to nodes, with error feedback so that nothing is "
+                        "lost for good; every node applies the same bytes and checks the signed hash (fp32 sends "
+                        "the exact change); fixed for the job's life (default: %(default)s)")
     p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
                    help="how the coordinator combines updates; governed, so votes may change it "
                         "(default: %(default)s)")
@@ -115,7 +119,8 @@ def serve(argv: list[str]) -> int:
     try:
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
                         deadline_seconds=args.deadline_seconds, lr=args.lr, batch=args.batch, seed=args.seed,
-                        codec=args.codec, aggregator=args.aggregator, verify_share=args.verify_share)
+                        codec=args.codec, delta_codec=args.delta_codec, aggregator=args.aggregator,
+                        verify_share=args.verify_share)
         corpus = load_corpus(args.data)
         ice = args.ice_host
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:

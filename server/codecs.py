@@ -79,6 +79,12 @@ def _encode_raw(spec: CodecSpec, values: torch.Tensor) -> bytes:
     raise CodecError(f"unknown codec {spec.name!r}")
 
 
+def apply_delta(params: np.ndarray, spec: CodecSpec, data: bytes) -> np.ndarray:
+    """float32 `params` plus an encoded delta's decoded values, as a new float32 array: the one way the coordinator
+    and every Python node apply a round's delta, so that all hold the same bytes."""
+    return np.add(params, decode_numpy(spec, data, params.size), dtype=np.float32)
+
+
 def decode_numpy(spec: CodecSpec, data: bytes, n: int) -> np.ndarray:
     """Decode wire bytes of n values into a new float32 array, checking them as shared.compress.decode does."""
     return _decode_raw(spec, unpack(spec, data, n), n)

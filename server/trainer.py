@@ -19,12 +19,13 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import torch
 
-from server.codecs import TorchErrorFeedback
+from server.codecs import TorchErrorFeedback, apply_delta
 from server.keys import NodeKey
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.net import rtc
 from server.net.client import ClientLinks
 from server.training import byte_tensor, inner_steps
+from shared.compress import CodecSpec
 from shared.model import GPTConfig
 from shared.node import Disconnected, Node, Refused, Work
 
@@ -111,6 +112,10 @@ class TorchPort(ClientLinks):
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return np.frombuffer(data, "<f4").astype(np.float32)
 
+    def apply_delta(self, model: np.ndarray, codec: CodecSpec, data: bytes) -> tuple[np.ndarray, bytes]:
+        new = apply_delta(model, codec, data)
+        return new, new.tobytes()
+
     async def train(self, node: Node, work: Work) -> list[float]:
         load_flat_parameters(self.model, torch.from_numpy(work.model))
         started = time.time()
@@ -136,6 +141,9 @@ class TorchPort(ClientLinks):
             log.info("round %d: %s", f["round"], f["plan"])
         elif event == "model" and f["source"] == "blobs":
             log.info("round %d: model fetched as %d chunks (%d bytes) over HTTP", f["round"], f["chunks"], f["bytes"])
+        elif event == "model" and f["source"] == "delta":
+            log.info("round %d: model updated by a delta of %d chunks (%d bytes) over HTTP", f["round"], f["chunks"],
+                     f["bytes"])
         elif event == "model":
             log.info("round %d: model fetched over the %s (%d bytes)", f["round"], f["source"], f["bytes"])
         elif event == "uploaded":

@@ -18,7 +18,7 @@ BLOB_CHUNK_BYTES = 256 * 1024
 MAX_MODEL_BYTES = 1 << 30  # as shared.wire.MAX_PAYLOAD_BYTES
 MAX_CHUNKS = MAX_MODEL_BYTES // BLOB_CHUNK_BYTES
 MAX_MANIFEST_BYTES = 128 + 67 * MAX_CHUNKS + 1024  # a quoted 64-hex name and a comma per chunk, and the fields
-KINDS = ("snapshot",)  # "delta" comes with the delta codec
+KINDS = ("snapshot", "delta")
 _HEX = set("0123456789abcdef")
 
 
@@ -92,6 +92,8 @@ class Manifest:
             raise ManifestError(f"kind must be one of {KINDS}")
         if self.kind == "snapshot" and self.base_hash != "":
             raise ManifestError("a snapshot has no base")
+        if self.kind == "delta":
+            _hex64(self.base_hash, "a delta's base_hash")
         _hex64(self.result_hash, "result_hash")
         if not isinstance(self.codec, str) or len(self.codec) > 64:
             raise ManifestError("codec must be a short string")
@@ -115,6 +117,13 @@ def cut(data: bytes) -> list[memoryview]:
 def snapshot_manifest(round_: int, data: bytes, chunks: list[memoryview]) -> Manifest:
     """The unsigned manifest of a snapshot: the model's float32 bytes as they are."""
     return Manifest(round_, "snapshot", "", sha256_hex(data), "fp32", len(data), tuple(sha256_hex(c) for c in chunks))
+
+
+def delta_manifest(round_: int, base_hash: str, result_hash: str, codec: str, data: bytes,
+                   chunks: list[memoryview]) -> Manifest:
+    """The unsigned manifest of a delta: `data` is the codec's encoding of what takes model `base_hash` to
+    `result_hash` (every node adds the decoded values to its float32 parameters)."""
+    return Manifest(round_, "delta", base_hash, result_hash, codec, len(data), tuple(sha256_hex(c) for c in chunks))
 
 
 def assemble(manifest: Manifest, chunks: list[bytes]) -> bytes:

@@ -23,7 +23,7 @@ from shared import compress
 from shared.agent import RoundPlanner
 from shared.batches import ScheduleError, batch_seed, batch_starts, tokens_allowed
 from shared.identity import signing_bytes
-from shared.manifest import Manifest, ManifestError, assemble
+from shared.manifest import Manifest, ManifestError, assemble, sha256_hex
 from shared.model import GPTConfig, num_parameters
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest, PathSelect,
@@ -159,6 +159,11 @@ class NodePort:
         """The global model's little-endian float32 bytes, as this node keeps them."""
         return data
 
+    def apply_delta(self, model: Any, codec: compress.CodecSpec, data: bytes) -> tuple[Any, bytes] | None:
+        """The model held plus an encoded delta's decoded values, in float32: (the new model as this node keeps
+        it, its bytes). None when this node does not apply deltas (it then fetches snapshots)."""
+        return None
+
     async def before_training(self, node: "Node", work: Work) -> None:
         """Called when the round is ready to train, before its training time starts counting."""
 
@@ -172,8 +177,8 @@ class NodePort:
         raise NotImplementedError
 
     def report(self, event: str, **fields: Any) -> None:
-        """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "blobs"
-        or "link"), "uploaded", "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
+        """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "delta",
+        "blobs" or "link"), "uploaded", "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
 
 
 class Node:
@@ -460,9 +465,7 @@ class Node:
         if self.model_hash == assignment.model_hash:
             return None
         self.phase = Phase.FETCHING
-        data = await self._fetch_blobs(assignment) if assignment.manifest else None
-        if data is not None:
-            self.model, self.model_hash = self.port.load_model(assignment.model_hash, data), assignment.model_hash
+        if await self._fetch_blobs(assignment):
             return None
         await self._send(ModelRequest(assignment.round, assignment.model_hash).encode())
         while True:
@@ -480,35 +483,63 @@ class Node:
             if isinstance(item, RoundOpen):
                 newer = item
 
-    async def _fetch_blobs(self, assignment: RoundOpen) -> bytes | None:
-        """The round's model from the chunks of its signed manifest; None when this node cannot fetch blobs, or a
-        piece is missing or does not check out (then it asks for the model over its link)."""
-        raw = await self.port.fetch_blob(assignment.manifest)
+    async def _fetch_blobs(self, assignment: RoundOpen) -> bool:
+        """Hold the round's model from blobs: the delta from the model held, when there is one, else the snapshot.
+        False when this node cannot fetch blobs, or a piece is missing or does not check out (then it asks for
+        the model over its link)."""
+        if assignment.delta and self.model_hash is not None:
+            got = await self._blob(assignment, assignment.delta, "delta", self.model_hash)
+            if got is not None:
+                manifest, payload = got
+                try:
+                    applied = self.port.apply_delta(self.model, compress.parse_codec(manifest.codec), payload)
+                except compress.CodecError as e:
+                    applied = None
+                    self.port.report("notice", message=f"round {assignment.round + 1}: the delta does not decode "
+                                                       f"({e}); fetching the snapshot instead")
+                if applied is not None and sha256_hex(applied[1]) == assignment.model_hash:
+                    self.model, self.model_hash = applied[0], assignment.model_hash
+                    self.port.report("model", round=assignment.round + 1, source="delta", bytes=len(payload),
+                                     chunks=len(manifest.chunks))
+                    return True
+                if applied is not None:
+                    self.port.report("notice", message=f"round {assignment.round + 1}: the delta did not make the "
+                                                       "signed model; fetching the snapshot instead")
+        got = await self._blob(assignment, assignment.manifest, "snapshot", "") if assignment.manifest else None
+        if got is None:
+            return False
+        manifest, data = got
+        self.model, self.model_hash = self.port.load_model(assignment.model_hash, data), assignment.model_hash
+        self.port.report("model", round=assignment.round + 1, source="blobs", bytes=len(data),
+                         chunks=len(manifest.chunks))
+        return True
+
+    async def _blob(self, assignment: RoundOpen, name: str, kind: str, base: str) -> tuple[Manifest, bytes] | None:
+        """The manifest `name` of the round's model (of `kind`, from model `base`) and its checked chunks, joined;
+        None when it is not that, or cannot be had."""
+        raw = await self.port.fetch_blob(name)
         if raw is None:
             return None
         try:
-            manifest = Manifest.from_bytes(raw, assignment.manifest)
-            if manifest.result_hash != assignment.model_hash:
-                raise ManifestError("the manifest is of another model than the round's")
+            manifest = Manifest.from_bytes(raw, name)
+            if (manifest.kind, manifest.base_hash, manifest.result_hash) != (kind, base, assignment.model_hash):
+                return None  # a delta from another model than the one held: the snapshot serves
             if not await self.port.verify(self.coordinator_id, manifest.signing_bytes(), manifest.signature):
                 raise ManifestError("the manifest's signature is not the coordinator's")
             slots = asyncio.Semaphore(BLOB_FETCHES)
 
-            async def fetch(name: str) -> bytes | None:
+            async def fetch(chunk: str) -> bytes | None:
                 async with slots:
-                    return await self.port.fetch_blob(name)
+                    return await self.port.fetch_blob(chunk)
 
-            chunks = await asyncio.gather(*(fetch(name) for name in manifest.chunks))
+            chunks = await asyncio.gather(*(fetch(chunk) for chunk in manifest.chunks))
             if any(chunk is None for chunk in chunks):
                 return None
-            data = assemble(manifest, chunks)
+            return manifest, assemble(manifest, chunks)
         except ManifestError as e:
             self.port.report("notice", message=f"round {assignment.round + 1}: the model's blobs do not check out "
                                                f"({e}); asking the coordinator over the link instead")
             return None
-        self.port.report("model", round=assignment.round + 1, source="blobs", bytes=len(data),
-                         chunks=len(manifest.chunks))
-        return data
 
     async def _work(self, assignment: RoundOpen, steps: int, batch: int) -> Work:
         cfg = assignment.config

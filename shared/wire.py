@@ -241,13 +241,15 @@ class RoundOpen(Message):
     # the name of the model's signed manifest (shared/manifest.py), whose chunks any holder serves by their sha256;
     # "" when the model is only sent in-band (ModelRequest)
     manifest: str = ""
+    delta: str = ""  # the name of the signed manifest of the delta from the previous round's model to this one
 
     def check(self):
         _need(self.round >= 0 and self.shard >= 0, "round and shard must be non-negative")
         _hex(self.model_hash, 64, "model_hash")
         _hex(self.model_signature, 128, "model_signature")
-        if self.manifest:
-            _hex(self.manifest, 64, "manifest")
+        for name in ("manifest", "delta"):
+            if getattr(self, name):
+                _hex(getattr(self, name), 64, name)
 
 
 @message("model_request")

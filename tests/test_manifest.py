@@ -50,7 +50,7 @@ def test_an_altered_chunk_or_manifest_is_refused():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"kind": "delta"}, "kind"),
+    ({"kind": "patch"}, "kind"),
     ({"base_hash": "ab" * 32}, "no base"),
     ({"size": 1}, "chunks, not"),
     ({"size": 0}, "size"),
@@ -87,3 +87,38 @@ def test_cut_and_the_unsigned_manifest_agree():
     chunks = cut(MODEL)
     manifest = snapshot_manifest(0, MODEL, chunks)
     assert b"".join(bytes(c) for c in chunks) == MODEL and manifest.size == len(MODEL)
+
+
+def test_a_published_delta_is_signed_names_its_base_and_applies_to_the_published_model():
+    import numpy as np
+
+    from server.codecs import apply_delta, decode_numpy
+    from shared import compress
+
+    key, spec = NodeKey(), compress.parse_codec("int8")
+    base = np.linspace(-1, 1, 70_000, dtype=np.float32)
+    target = base + np.float32(0.01) * np.cos(np.arange(base.size, dtype=np.float32))
+    payload = compress.encode(spec, (target - base).tolist())
+    new = apply_delta(base, spec, payload)
+    assert new.dtype == np.float32 and np.array_equal(new, base + decode_numpy(spec, payload, base.size))
+    assert np.abs(new - target).max() < 1e-4  # int8 blockwise: a small, bounded error (error feedback keeps it)
+
+    store = BlobStore(key)
+    base_hash = hashlib.sha256(base.tobytes()).hexdigest()
+    snapshot = store.publish(5, new.tobytes(), (base_hash, "int8", payload))
+    name = store.delta_of(snapshot.result_hash)
+    delta = Manifest.from_bytes(store.get(name), name)
+    verify(key.node_id, delta.signing_bytes(), delta.signature)
+    assert (delta.kind, delta.round, delta.base_hash, delta.result_hash, delta.codec) == (
+        "delta", 5, base_hash, snapshot.result_hash, "int8")
+    joined = assemble(delta, [store.get(c) for c in delta.chunks])
+    assert joined == payload and hashlib.sha256(apply_delta(base, spec, joined).tobytes()).hexdigest() == \
+        snapshot.result_hash
+
+
+def test_a_delta_without_a_base_is_malformed():
+    manifest, _ = published(BlobStore(NodeKey()))
+    fields = {**json.loads(manifest.to_bytes()), "kind": "delta", "base_hash": ""}
+    data = json.dumps(fields).encode()
+    with pytest.raises(ManifestError, match="base_hash"):
+        Manifest.from_bytes(data, hashlib.sha256(data).hexdigest())

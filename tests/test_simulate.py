@@ -107,7 +107,9 @@ def test_a_scale_attack_under_the_norm_bound_breaks_the_mean_but_not_the_median(
     mean = run_simulation(SimOptions(**SMALL, scale_factor=40))
     median = run_simulation(SimOptions(**SMALL, aggregator="median", scale_factor=40))
     assert all(r["honest_norm"] * 40 < 100 and r["rejected"] == 0 for r in mean.rows[1:])
-    assert mean.summary["final_val_loss"] > mean.summary["initial_val_loss"]
+    # the mean barely learns (with fp32 deltas it ends above where it started; int8 deltas with error feedback
+    # spread the blown-up step over rounds, and it ends about 3% lower), while the median learns as if unattacked
+    assert mean.summary["final_val_loss"] > 0.95 * mean.summary["initial_val_loss"]
     assert median.summary["final_val_loss"] < 0.75 * median.summary["initial_val_loss"]
     # the median discards the attacker's accepted updates (trimmed in most coordinates), and each discard costs
     # reputation; the mean uses them, so there the same updates earn points

@@ -130,3 +130,23 @@ def test_a_job_stored_under_the_old_setting_names_resumes_under_the_one_name(tmp
     job = load_job(store, tmp_path, corpus, JobConfig(rounds=3))
     assert (job.batch, job.deadline_seconds, job.rounds) == (12, 45.0, 3)
     assert "batch_size" not in store.get_meta("job") and store.get_meta("job")["batch"] == 12
+
+
+def test_the_delta_nodes_receive_makes_the_model_the_coordinator_holds_and_its_residual_carries(corpus):
+    import torch
+
+    from server.codecs import apply_delta, decode_numpy
+
+    s = strategy(corpus)  # the default delta codec: int8 blockwise
+    params = s.initial_parameters(0)
+    model = GlobalModel(0, params, None, model_hash(params))
+    target = params + np.float32(1e-3) * np.sin(np.arange(params.size, dtype=np.float32))
+    applied, payload, residual = s.delta(model, target)
+    assert s.delta_residual is None  # nothing changes until the round commits
+    assert np.array_equal(applied, apply_delta(params, s.delta_codec, payload))
+    decoded = decode_numpy(s.delta_codec, payload, params.size)
+    assert torch.equal(residual, torch.from_numpy(target - params) - torch.from_numpy(decoded))
+    assert 0 < float(residual.abs().max()) < 1e-5 and len(payload) < params.nbytes / 3.5
+    s.delta_residual = residual  # committed: the next delta carries what this one left out
+    _, again, _ = s.delta(GlobalModel(1, applied, None, model_hash(applied)), applied)
+    assert np.allclose(decode_numpy(s.delta_codec, again, params.size), residual.numpy(), atol=1e-7)

@@ -186,7 +186,7 @@ class Coordinator:
         values = [a.values for a in accepted]
         grad, discarded = await asyncio.to_thread(self.strategy.aggregate, rnd.round, values,
                                                   [a.weight for a in accepted], governed)
-        val_loss, ckpt, path, sha = await asyncio.to_thread(self._step, rnd, accepted, grad, governed)
+        val_loss, ckpt, path, sha, delta = await asyncio.to_thread(self._step, rnd, accepted, grad, governed)
         for i, a in enumerate(accepted):
             a.aggregated = i not in discarded
         new_round = rnd.round + 1
@@ -212,7 +212,10 @@ class Coordinator:
                                 self.governor.ledger.balances(), books["meta"], books["proposals"])
         self.governor.committed()
         self.model.advance(ckpt)  # only after the commit does the new model become current
-        self.blobs.publish(self.model.round, self.model.bytes)
+        payload, self.strategy.delta_residual = delta
+        self.blobs.publish(self.model.round, self.model.bytes, (self.model.previous_hash,
+                                                                 compress.format_codec(self.strategy.delta_codec),
+                                                                 payload))
         self.open_round = None
         high = self.governor.governance.rules.bounds("storage", "checkpoints_kept").high
         prune_checkpoints(self.data_dir / "checkpoints", None if high is None else int(high))
@@ -230,16 +233,17 @@ class Coordinator:
                 await self.remove(session, Error("quarantined", "; ".join(decision.reasons), fatal=True))
 
     def _step(self, rnd: OpenRound, accepted: list[DecidedUpdate], grad: np.ndarray | None, governed: dict):
-        """Quality scores, the outer step, validation and the checkpoint, in a worker thread: (validation loss,
-        the checkpoint, its path, its sha256)."""
+        """Quality scores, the outer step, its delta as nodes will apply it, validation and the checkpoint, in a
+        worker thread: (validation loss, the checkpoint, its path, its sha256, (encoded delta, its residual))."""
         qualities = self.strategy.qualities(self.model, [a.values for a in accepted], governed)
         for a, quality in zip(accepted, qualities):
             a.quality_ppm = quality
         params, momentum = self.strategy.outer_step(self.model, grad, governed)
+        params, payload, residual = self.strategy.delta(self.model, params)  # what every node will hold
         val_loss = self.strategy.evaluate(params)
         ckpt = Checkpoint(rnd.round + 1, params, momentum)
         path, sha = write_checkpoint(self.data_dir / "checkpoints", ckpt)
-        return val_loss, ckpt, path, sha
+        return val_loss, ckpt, path, sha, (payload, residual)
 
     async def _abandon_round(self, rnd: OpenRound, error: BaseException) -> None:
         """A round whose close failed is not committed: the books go back to the last commit, the nodes are told,

@@ -225,7 +225,7 @@ class Intake:
             rnd.assignments[session.node_id] = shard
         rnd.assigned_at.setdefault(session.node_id, time.time())
         msg = RoundOpen(rnd.round, c.model.hash, c.model_signature(rnd.round, c.model.hash), rnd.config, shard,
-                        rnd.deadline, c.blobs.manifest_of(c.model.hash))
+                        rnd.deadline, c.blobs.manifest_of(c.model.hash), c.blobs.delta_of(c.model.hash))
         if await self.send(session, msg):
             session.state = "training"
 

@@ -52,6 +52,7 @@ class JobConfig:
     aggregator: str = "mean"
     byzantine_fraction: float = 0.25  # the share of updates a robust aggregator is told to tolerate (its f)
     codec: str = "fp32"
+    delta_codec: str = "int8"  # how each round's outer delta travels to nodes (with error feedback); fixed for the job
     seed: int = 0
     verify_share: float = 0.05  # the share of updates the coordinator re-executes (spot checks); not governed
 
@@ -63,10 +64,11 @@ class JobConfig:
             raise ValueError(f"verify_share must lie in [0, 1], got {self.verify_share}")
         if self.aggregator not in aggregation.RULES:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
-        try:
-            compress.parse_codec(self.codec)
-        except compress.CodecError as e:
-            raise ValueError(f"bad codec {self.codec!r}: {e}") from None
+        for name, text in (("codec", self.codec), ("delta codec", self.delta_codec)):
+            try:
+                compress.parse_codec(text)
+            except compress.CodecError as e:
+                raise ValueError(f"bad {name} {text!r}: {e}") from None
 
     def governed(self) -> dict:
         """The governed parameters, under the names governance uses."""

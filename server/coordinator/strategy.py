@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from server import aggregation
+from server.codecs import TorchErrorFeedback, apply_delta
 from server.coordinator.job import JobConfig
 from server.coordinator.model_state import GlobalModel
 from server.corpus import Corpus
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
 from server.training import evaluate, validation_batches
 from shared.aggregate import AggregationError
-from shared.compress import CodecSpec
+from shared.compress import CodecSpec, parse_codec
 from shared.governance import Governance
 from shared.model import GPTConfig
 from shared.rewards import quality_to_ppm
@@ -49,6 +50,8 @@ class RoundStrategy:
 
     def __init__(self, job: JobConfig, cfg: GPTConfig, codec: CodecSpec, corpus: Corpus):
         self.job, self.cfg, self.codec = job, cfg, codec
+        self.delta_codec = parse_codec(job.delta_codec)
+        self.delta_residual: torch.Tensor | None = None  # what earlier deltas' encoding left out (not kept on restart)
         self._model = GPT(cfg)  # evaluates parameters; used by one round's close at a time
         self._val_batches = validation_batches(corpus.validation, cfg.block_size)
         # quality of an update: the loss change it alone makes on a held-out batch not used for validation
@@ -136,6 +139,16 @@ class RoundStrategy:
         new_params, new_momentum = outer_nesterov_step(params, g, momentum, float(governed["outer_lr"]),
                                                        float(governed["outer_momentum"]))
         return new_params.numpy(), new_momentum.numpy()
+
+    def delta(self, model: GlobalModel, params: np.ndarray) -> tuple[np.ndarray, bytes, torch.Tensor]:
+        """The round's delta as nodes receive it: (the parameters every node will hold, the current ones plus the
+        decoded delta; the encoded delta of `params` - current + the residual; the residual it leaves). Changes
+        nothing: the caller keeps the residual once the round commits."""
+        feedback = TorchErrorFeedback(model.params.size)
+        if self.delta_residual is not None:
+            feedback.residual = self.delta_residual.clone()
+        payload = feedback.encode(self.delta_codec, torch.from_numpy(params) - model.tensor())
+        return apply_delta(model.params, self.delta_codec, payload), payload, feedback.residual
 
     def evaluate(self, params: np.ndarray) -> float:
         """The validation loss of flat parameters `params`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import hashlib
 import json
 import logging
 import random
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from server import aggregation
+from server.codecs import apply_delta
 from server.coordinator import Coordinator, JobConfig
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
 from server.model import GPT
@@ -72,6 +74,7 @@ class SimOptions:
     attack: str = "signflip"
     aggregator: str = "mean"
     codec: str = "fp32"
+    delta_codec: str = JobConfig().delta_codec
     churn: float = 0.0  # share of workers replaced by new ones (new keys) after each round
     rounds: int = 10
     inner_steps: int = 10
@@ -101,10 +104,11 @@ class SimOptions:
             raise SimulationError(f"unknown --attack {self.attack!r}; known: {', '.join(ATTACKS)}")
         if self.aggregator not in aggregation.RULES:
             raise SimulationError(f"unknown --aggregator {self.aggregator!r}; known: {', '.join(aggregation.RULES)}")
-        try:
-            compress.parse_codec(self.codec)
-        except compress.CodecError as e:
-            raise SimulationError(f"bad --codec {self.codec!r}: {e}") from None
+        for option, text in (("--codec", self.codec), ("--delta-codec", self.delta_codec)):
+            try:
+                compress.parse_codec(text)
+            except compress.CodecError as e:
+                raise SimulationError(f"bad {option} {text!r}: {e}") from None
         if not 0.0 <= self.churn < 1.0:
             raise SimulationError(f"--churn must be a fraction in [0, 1), got {self.churn}")
         if self.tolerate is not None and not 0.0 <= self.tolerate < MAX_BYZANTINE:
@@ -162,7 +166,7 @@ class Simulation:
                         batch=options.batch, deadline_seconds=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
-                        codec=options.codec, seed=options.seed, verify_share=options.verify_share)
+                        codec=options.codec, delta_codec=options.delta_codec, seed=options.seed, verify_share=options.verify_share)
         self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules)
         self.signaling = SignalingServer(self.coordinator)
         self.model = GPT(self.coordinator.cfg)  # every worker trains on this one module, one after another
@@ -176,6 +180,7 @@ class Simulation:
         self.uploads: list[dict] = []  # every update sent: node_id, round, bytes, sha256
         self.released = -1  # the newest round the workers may train
         self._models: dict[str, np.ndarray] = {}
+        self._applied: dict[tuple, tuple[np.ndarray, bytes]] = {}
         self._shards: dict[int, torch.Tensor] = {}
         self._honest: dict[int, dict[SimWorker, torch.Tensor]] = {}  # round -> each worker's honest update
         self._forged: dict[int, dict[int, torch.Tensor]] = {}
@@ -198,6 +203,14 @@ class Simulation:
         if model_hash not in self._models:  # a newer model: no worker trains on the older one again
             self._models = {model_hash: np.frombuffer(bytearray(data), "<f4")}  # writable, for torch
         return self._models[model_hash]
+
+    def applied(self, model: np.ndarray, codec: compress.CodecSpec, data: bytes) -> tuple[np.ndarray, bytes]:
+        """A round's delta applied to a held model, once for every worker that holds that model."""
+        key = (id(model), hashlib.sha256(data).hexdigest())
+        if key not in self._applied:
+            new = apply_delta(model, codec, data)
+            self._applied = {key: (new, new.tobytes())}  # a newer delta: no worker applies the older one again
+        return self._applied[key]
 
     def shard(self, index: int) -> torch.Tensor:
         if index not in self._shards:
@@ -507,6 +520,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the job's aggregation rule, a governed parameter (default: %(default)s)")
     p.add_argument("--codec", type=codec_option, default=d.codec, metavar="CODEC",
                    help=CODEC_HELP + " (default: %(default)s)")
+    p.add_argument("--delta-codec", type=codec_option, default=d.delta_codec, metavar="CODEC",
+                   help="how each round's model change travels to the workers, as with the coordinator's option "
+                        "(default: %(default)s)")
     p.add_argument("--churn", type=_fraction(1.0), default=d.churn, metavar="FRACTION",
                    help="share of workers replaced by new ones after each round (default: %(default)s)")
     p.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="rounds to run (default: %(default)s)")
@@ -557,7 +573,8 @@ def main(argv: list[str]) -> int:
     logging.getLogger("swarmgrad").setLevel(args.log_level)
     try:
         options = SimOptions(workers=args.workers, byzantine=args.byzantine, attack=args.attack,
-                             aggregator=args.aggregator, codec=args.codec, churn=args.churn, rounds=args.rounds,
+                             aggregator=args.aggregator, codec=args.codec, delta_codec=args.delta_codec,
+                             churn=args.churn, rounds=args.rounds,
                              inner_steps=args.inner_steps, batch=args.batch, lr=args.lr,
                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
                              seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,

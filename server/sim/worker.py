@@ -23,6 +23,7 @@ from server.keys import NodeKey
 from server.model import flat_parameters, load_flat_parameters
 from server.net.client import KeyedPort
 from server.training import inner_steps
+from shared.compress import CodecSpec
 from shared.model import GPTConfig
 from shared.node import Disconnected, Node, Stopped, Work
 
@@ -133,6 +134,9 @@ class SimPort(KeyedPort):
 
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return self.sim.model_for(model_hash, data)
+
+    def apply_delta(self, model: np.ndarray, codec: CodecSpec, data: bytes) -> tuple[np.ndarray, bytes]:
+        return self.sim.applied(model, codec, data)
 
     async def before_training(self, node: Node, work: Work) -> None:
         while self.sim.released < work.round:
