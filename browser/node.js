@@ -34,6 +34,7 @@ const state = {
   message: "", connection: "", path: null, round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
   updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
   adapter: null, balance: null, receipts: [],
+  models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes}
 };
 
 const credits = (micro) => (micro / 1e6).toLocaleString(undefined, { minimumFractionDigits: 6 });
@@ -430,6 +431,9 @@ function onReport(r) {
       });
       state.stepsDone = r.done; state.steps = r.total; state.tokensPerSec = r.tokens_per_s;
       if (r.done === r.total) { stepBase += r.total; state.connection = "uploading the update"; }
+      break;
+    case "model":
+      state.models.push({ round: r.round, source: r.source, bytes: r.bytes });
       break;
     case "uploaded":
       state.connection = "waiting for the verdict";

@@ -67,6 +67,9 @@ def test_browser_node_trains_two_rounds_over_webrtc(processes, chromium, loopbac
     assert [r["round"] for r in state["roundsClosed"]] == [1, 2]
     assert [v for _, v in state["valLoss"]] == pytest.approx([h["val_loss"] for h in history])
     assert len(state["localLoss"]) == 2 * 3  # one point per inner step
+    # round 1's model came as the snapshot's blobs; round 2's as the int8 delta, applied in Pyodide to the hash
+    assert [(m["round"], m["source"]) for m in state["models"]] == [(1, "blobs"), (2, "delta")]
+    assert state["models"][1]["bytes"] < state["models"][0]["bytes"] / 3.5
     assert page.inner_text("#accepted") == "2"
 
     # every ledger entry about this node reached the page as a receipt whose signature the page verified

@@ -122,3 +122,24 @@ def test_a_delta_without_a_base_is_malformed():
     data = json.dumps(fields).encode()
     with pytest.raises(ManifestError, match="base_hash"):
         Manifest.from_bytes(data, hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8:block=64", "fp16", "fp32", "topk:fraction=0.1"])
+def test_the_stdlib_and_numpy_apply_a_delta_to_the_same_bytes(codec):
+    """The browser applies deltas in the standard library, trainers and the coordinator with numpy: every node
+    must hold the same bytes, whatever the values (tiny, huge, negative, zero, far apart in exponent)."""
+    import random
+
+    import numpy as np
+
+    from server.codecs import apply_delta as numpy_apply
+    from shared import compress
+
+    rng = random.Random(codec)
+    n = 20_000
+    base = np.array([rng.choice([0.0, -0.0, 1e-30, 3e-8, -2.5, 1e4, 7e20]) * rng.uniform(-1, 1) + rng.gauss(0, 0.1)
+                     for _ in range(n)], np.float32)
+    delta = [rng.choice([rng.gauss(0, 1e-3), rng.gauss(0, 10.0), 0.0, 1e-12]) for _ in range(n)]
+    spec = compress.parse_codec(codec)
+    payload = compress.encode(spec, delta)
+    assert compress.apply_delta(base.tobytes(), spec, payload) == numpy_apply(base, spec, payload).tobytes()
