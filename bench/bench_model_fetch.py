@@ -1,5 +1,6 @@
-"""How fast a node gets the round's model: as content-addressed chunks over HTTP (GET /api/blobs, the default), and
-in-band over its WebRTC data channel (aiortc), the path every model took before. Same coordinator, same run.
+"""How fast a node gets the round's model, and how many bytes: in-band over its WebRTC data channel (aiortc), the
+path every model took before; as the snapshot's content-addressed chunks over HTTP (GET /api/blobs); and, when it
+holds the last round's model, as that round's int8 delta. Same coordinator, same run.
 
 usage: python -m bench.bench_model_fetch [--model base] [--repeat 2]    (run it in a loopback-only netns)
 
@@ -32,24 +33,25 @@ class TimedPort(TorchPort):
     def __init__(self, coordinator_url: str, blobs: bool):
         ws = coordinator_url.replace("http://", "ws://") + "/ws"
         super().__init__(ws, NodeKey(), torch.device("cpu"), coordinator_url, Progress(False))
-        self.blobs, self.assigned, self.fetched = blobs, None, None
+        self.blobs, self.assigned, self.fetched = blobs, None, []
 
     async def fetch_blob(self, name: str) -> bytes | None:
         return await super().fetch_blob(name) if self.blobs else None
 
     def report(self, event: str, **fields) -> None:
-        if event == "round" and self.assigned is None:
+        if event == "round":
             self.assigned = time.perf_counter()
-        elif event == "model" and self.fetched is None:
-            self.fetched = (time.perf_counter() - self.assigned, fields["source"], fields["bytes"])
+        elif event == "model":
+            self.fetched.append((time.perf_counter() - self.assigned, fields["source"], fields["bytes"]))
 
 
-async def fetch_once(url: str, blobs: bool) -> tuple[float, str, int]:
+async def fetch(url: str, blobs: bool, rounds: int) -> list[tuple[float, str, int]]:
+    """The model fetches of a node that joins for `rounds` rounds: (seconds, source, bytes) each."""
     port = TimedPort(url, blobs)
-    node = Node(port, port.key.node_id, transport="webrtc", max_rounds=1)
+    node = Node(port, port.key.node_id, transport="webrtc", max_rounds=rounds)
     ended = await asyncio.wait_for(node.run(), 600)
-    if port.fetched is None:
-        raise RuntimeError(f"the node fetched no model ({ended})")
+    if len(port.fetched) != rounds:
+        raise RuntimeError(f"the node fetched {len(port.fetched)} models in {rounds} rounds ({ended})")
     return port.fetched
 
 
@@ -64,20 +66,26 @@ def main(argv: list[str] | None = None) -> None:
                                   "--batch", "4", "--deadline-seconds", "600", "--verify-share", "0")
         try:
             coordinator.wait_ready(120)
-            times: dict[str, list[float]] = {"link": [], "blobs": []}
-            size = 0
+            times: dict[str, list[float]] = {"link": [], "blobs": [], "delta": []}
+            sizes: dict[str, int] = {}
             for _ in range(args.repeat):
-                for blobs in (False, True):
-                    seconds, source, size = asyncio.run(fetch_once(coordinator.url, blobs))
-                    times[source].append(seconds)
-                    print(f"  {source:5s} {size / 1e6:6.1f} MB in {seconds:6.2f} s ({size / seconds / 1e6:7.1f} MB/s)",
-                          flush=True)
+                # in-band, one round; then blobs for two rounds: the snapshot, then the delta from it
+                for blobs, rounds in ((False, 1), (True, 2)):
+                    for seconds, source, size in asyncio.run(fetch(coordinator.url, blobs, rounds)):
+                        times[source].append(seconds)
+                        sizes[source] = size
+                        print(f"  {source:5s} {size / 1e6:6.2f} MB in {seconds:6.2f} s", flush=True)
+            history = coordinator.status()["history"]
         finally:
             coordinator.stop()
-    link, blobs = statistics.median(times["link"]), statistics.median(times["blobs"])
-    print(f"model {args.model} ({size / 1e6:.1f} MB): in-band over aiortc {link:.2f} s, as HTTP blobs {blobs:.2f} s "
-          f"(median of {args.repeat}); blobs are x{link / blobs:.1f} faster")
-
+    link, blobs, delta = (statistics.median(times[k]) for k in ("link", "blobs", "delta"))
+    print(f"model {args.model}, median of {args.repeat}:")
+    print(f"  in-band over aiortc   {sizes['link'] / 1e6:7.2f} MB  {link:6.2f} s   (the baseline)")
+    print(f"  snapshot as blobs     {sizes['blobs'] / 1e6:7.2f} MB  {blobs:6.2f} s   x{link / blobs:.1f} faster")
+    print(f"  int8 delta as blobs   {sizes['delta'] / 1e6:7.2f} MB  {delta:6.2f} s   x{link / delta:.1f} faster, "
+          f"x{sizes['link'] / sizes['delta']:.1f} fewer bytes")
+    print("  coordinator bytes out per round (MB): " + ", ".join(f"{h['coordinator_bytes_out'] / 1e6:.1f}"
+                                                             for h in history[1:]))
 
 if __name__ == "__main__":
     main()

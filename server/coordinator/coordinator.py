@@ -108,6 +108,11 @@ class Coordinator:
     def status(self) -> dict:
         return status(self)
 
+    def bytes_sent(self) -> int:
+        """Everything the coordinator has sent since it started: over nodes' links (messages and models) and as
+        blobs over HTTP. Signaling's handshake frames (a few hundred bytes a join) are not counted."""
+        return self.intake.bytes_sent + self.blobs.bytes_served
+
     # -- sessions (intake does the work) ----------------------------------------------------------------------
 
     @property
@@ -154,7 +159,8 @@ class Coordinator:
                 await self.changed.wait()
             self.intake.expire_pending()
             now = time.time()
-            rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config())
+            rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config(),
+                            bytes_sent_before=self.bytes_sent())
             self.intake.opened(rnd)
             self.open_round = rnd
             # logs count rounds as status does: round N is the one whose commit completes N rounds
@@ -206,7 +212,8 @@ class Coordinator:
         head, model_hash = self.governor.ledger.head, ckpt.model_hash
         record = RoundRecord(new_round, model_hash, path.name, sha, val_loss, len(accepted), rejected,
                              sum(u.update.tokens for u in accepted), rnd.bytes_received, rnd.opened_at, time.time(),
-                             rnd.deadline, head, self.key.sign(round_record_bytes(new_round, model_hash, head)))
+                             rnd.deadline, head, self.key.sign(round_record_bytes(new_round, model_hash, head)),
+                             self.bytes_sent() - rnd.bytes_sent_before)
         books = self.governor.snapshot()
         self.store.commit_round(record, [u.record() for u in updates], books["ledger"],
                                 self.governor.ledger.balances(), books["meta"], books["proposals"])

@@ -114,6 +114,7 @@ class Intake:
     def __init__(self, coordinator: Coordinator):
         self.coordinator = coordinator
         self.sessions: dict[str, NodeSession] = {}
+        self.bytes_sent = 0  # over nodes' links, messages and models
         self.node_speed: dict[str, float] = {}  # node id -> tokens/s of its last accepted update
         self.pending: dict[tuple[str, int], PendingUpdate] = {}  # (node id, transfer id) -> awaiting its bytes
         self.deferred: list[DeferredPayload] = []  # arrived while a round closed
@@ -199,12 +200,15 @@ class Intake:
     async def send(self, session: NodeSession, msg: Message) -> bool:
         if session.link is None:
             return False
+        link, before = session.link, session.link.bytes_sent
         try:
-            await session.link.send_message(msg)
+            await link.send_message(msg)
             return True
         except LinkClosed:
             self.detach(session)
             return False
+        finally:
+            self.bytes_sent += link.bytes_sent - before
 
     # -- assignments ----------------------------------------------------------------------------------------
 
@@ -252,10 +256,13 @@ class Intake:
             return
         if session.link is None:
             return
+        link, before = session.link, session.link.bytes_sent
         try:
-            await session.link.send_payload("model", model.bytes, {"round": model.round, "model_hash": model.hash})
+            await link.send_payload("model", model.bytes, {"round": model.round, "model_hash": model.hash})
         except LinkClosed:
             self.detach(session)
+        finally:
+            self.bytes_sent += link.bytes_sent - before
 
     def _unsigned(self, session: NodeSession, u: Update) -> tuple[str, str] | None:
         """(rule, reason) when the update is not this node's own signed statement. Such an update is answered and

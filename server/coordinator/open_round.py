@@ -101,6 +101,7 @@ class OpenRound:
     # round are two pieces of work
     updates: dict[tuple[str, int], DecidedUpdate] = field(default_factory=dict)
     bytes_received: int = 0
+    bytes_sent_before: int = 0  # Coordinator.bytes_sent() when the round opened
     closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
 
     def assigned(self) -> Assignments:

@@ -47,7 +47,8 @@ def status(coordinator: Coordinator) -> dict:
                    "errors": c.intake_errors},
         "job": c.describe(),
         "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
-                     "tokens": r.tokens, "bytes": r.bytes_received, "model_hash": r.model_hash,
+                     "tokens": r.tokens, "bytes": r.bytes_received,
+                     "coordinator_bytes_out": r.bytes_sent, "model_hash": r.model_hash,
                      "closed_at": r.closed_at} for r in rounds],
         "nodes": nodes,
     }

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_at REAL NOT NULL,
     deadline REAL NOT NULL,
     ledger_head TEXT NOT NULL,
-    signature TEXT NOT NULL DEFAULT ''
+    signature TEXT NOT NULL DEFAULT '',
+    bytes_sent INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -91,7 +92,7 @@ CREATE TABLE IF NOT EXISTS votes (
 # Columns added after the first release, declared as in SCHEMA; an older database gains them when opened.
 # Rows written before then keep the defaults: unsigned rounds, and updates whose rewards cannot be recomputed.
 ADDED_COLUMNS = {
-    "rounds": (("signature", "TEXT NOT NULL DEFAULT ''"),),
+    "rounds": (("signature", "TEXT NOT NULL DEFAULT ''"), ("bytes_sent", "INTEGER NOT NULL DEFAULT 0")),
     "updates": (("quality_ppm", "INTEGER NOT NULL DEFAULT 0"), ("aggregated", "INTEGER NOT NULL DEFAULT 0"),
                 ("committed_round", "INTEGER")),
 }
@@ -119,6 +120,7 @@ class RoundRecord:
     deadline: float
     ledger_head: str  # hash of the last ledger entry committed with this round: anchors the chain
     signature: str = ""  # the coordinator's, over shared.rewards.round_record_bytes(round, model_hash, ledger_head)
+    bytes_sent: int = 0  # what the coordinator sent while the round was open: its links and its blobs
 
 
 @dataclass(frozen=True)
@@ -241,11 +243,11 @@ class Store:
             try:
                 self._db.execute(
                     "INSERT INTO rounds (round, model_hash, checkpoint, checkpoint_sha256, val_loss, accepted, "
-                    "rejected, tokens, bytes_received, opened_at, closed_at, deadline, ledger_head, signature) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "rejected, tokens, bytes_received, opened_at, closed_at, deadline, ledger_head, signature, "
+                    "bytes_sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (record.round, record.model_hash, record.checkpoint, record.checkpoint_sha256, record.val_loss,
                      record.accepted, record.rejected, record.tokens, record.bytes_received, record.opened_at,
-                     record.closed_at, record.deadline, record.ledger_head, record.signature),
+                     record.closed_at, record.deadline, record.ledger_head, record.signature, record.bytes_sent),
                 )
                 for e in ledger:
                     self._db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (?, ?, ?, ?, ?, ?)",

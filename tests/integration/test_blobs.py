@@ -53,3 +53,6 @@ def test_the_model_is_served_as_signed_immutable_chunks_and_a_trainer_fetches_it
     final = coordinator.wait_for(lambda s: s["state"] == "finished", 30, "the job to finish")
     assert final["manifest"] != status["manifest"] and get(blobs + final["manifest"])[0] == 200
     assert [h["accepted"] for h in final["history"]] == [0, 1, 1]
+    # what the coordinator sent while each round was open: the snapshot in round 1, only the delta in round 2
+    out = [h["coordinator_bytes_out"] for h in final["history"]]
+    assert out[1] > manifest.size and int(delta_line[1]) < out[2] < manifest.size / 3, out
