@@ -95,7 +95,8 @@ class Coordinator:
         p = self.governor.params
         return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
                 "inner_steps": int(p["inner_steps"]), "batch": int(p["batch"]), "lr": float(p["lr"]),
-                "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec), "rounds": self.job.rounds,
+                "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec),
+                "delta_codec": compress.format_codec(self.strategy.delta_codec), "rounds": self.job.rounds,
                 "deadline_seconds": self.deadline_seconds}
 
     def model_signature(self, round_: int, hash_: str) -> str:
