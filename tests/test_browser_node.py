@@ -257,6 +257,10 @@ class FakeBridge:
         """The name of the model's manifest in the round's assignment: none here, so the model comes in-band."""
         return ""
 
+    def delta(self) -> str:
+        """The name of the manifest of the delta that made the model: none here."""
+        return ""
+
     def after_update(self) -> list:
         """What the coordinator sends once the update arrived: verdict, close, receipt, goodbye."""
         entry = self.ledger.grant(NODE, round=0, terms=RewardTerms())
@@ -281,7 +285,8 @@ class FakeBridge:
             model_hash = hashlib.sha256(self.model).hexdigest()
             config = {"inner_steps": STEPS, "batch": BATCH, "seq_len": SEQ, "lr": 1e-3, "weight_decay": 0.0,
                       "codec": spec(self.codec).to_dict(), "deadline_seconds": 60.0}
-            self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60, self.manifest()))
+            self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60, self.manifest(),
+                                   self.delta()))
         elif self.reports[-1]["event"] == "notice" and "not finite" in self.reports[-1]["message"]:
             self.deliver(Bye("the job has finished"))
 
@@ -431,3 +436,45 @@ def test_a_chunk_that_does_not_match_its_name_is_dropped_and_the_model_comes_ove
     (notice,) = bridge.events("notice")
     assert "do not check out" in notice["message"]
     assert [m["source"] for m in bridge.events("model")] == ["link"]
+
+
+class DeltaBridge(BlobBridge):
+    """A coordinator whose current model was made by an int8 delta from `base`: a node holding `base` fetches only
+    the delta; a node further behind (or holding nothing) fetches the snapshot."""
+
+    def __init__(self):
+        super().__init__()
+        spec = compress.parse_codec("int8")
+        self.base = array("f", [0.5] * N).tobytes()
+        change = [0.01 * ((i % 7) - 3) for i in range(N)]
+        self.payload = compress.encode(spec, change)
+        self.model = compress.apply_delta(self.base, spec, self.payload)  # what the coordinator holds
+        self.blobs = BlobStore(self.key)
+        self.published = self.blobs.publish(1, self.model, (hashlib.sha256(self.base).hexdigest(), "int8",
+                                                            self.payload))
+
+    def delta(self) -> str:
+        return self.blobs.delta_of(self.published.result_hash)
+
+
+def session_holding(bridge: FakeBridge, held: bytes) -> str:
+    FakeTrainer.gradients = [[0.25] * N]
+    node = BrowserNode(bridge, NODE, "adapter", "device", "browser: test", "auto")
+    node.node.cfg, node.node.model, node.node.model_hash = CFG, held, hashlib.sha256(held).hexdigest()
+    bridge.node = node
+    return asyncio.run(asyncio.wait_for(node.run(), 30))
+
+
+def test_a_current_page_applies_only_the_delta_and_one_further_behind_catches_up_from_the_snapshot():
+    current = DeltaBridge()
+    assert session_holding(current, current.base).startswith("finished")
+    (model,) = current.events("model")
+    assert (model["source"], model["bytes"]) == ("delta", len(current.payload))
+    assert len(current.payload) < len(current.model) / 3.5
+
+    behind = DeltaBridge()
+    older = array("f", [0.25] * N).tobytes()  # two rounds behind: the delta's base is not what it holds
+    assert session_holding(behind, older).startswith("finished")
+    (model,) = behind.events("model")
+    assert (model["source"], model["bytes"]) == ("blobs", len(behind.model))
+    assert not behind.events("notice") and not any(isinstance(m, ModelRequest) for m in behind.received)
