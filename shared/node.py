@@ -544,8 +544,8 @@ class Node:
                 return None
             return manifest, assemble(manifest, chunks)
         except ManifestError as e:
-            self.port.report("notice", message=f"round {assignment.round + 1}: the model's blobs do not check out "
-                                               f"({e}); asking the coordinator over the link instead")
+            self.port.report("notice", message=f"round {assignment.round + 1}: the model's {kind} blobs do not check "
+                                               f"out ({e}); getting the model another way")
             return None
 
     async def _work(self, assignment: RoundOpen, steps: int, batch: int) -> Work:
