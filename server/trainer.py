@@ -26,6 +26,7 @@ from server.net import rtc
 from server.net.client import ClientLinks
 from server.training import byte_tensor, inner_steps
 from shared.compress import CodecSpec
+from shared.manifest import MAX_BLOB_BYTES
 from shared.model import GPTConfig
 from shared.node import Disconnected, Node, Refused, Work
 
@@ -101,7 +102,10 @@ class TorchPort(ClientLinks):
     async def fetch_blob(self, name: str) -> bytes | None:
         def fetch() -> bytes:
             with urllib.request.urlopen(f"{self.http_base}/api/blobs/{name}", timeout=30) as r:
-                return r.read()
+                data = r.read(MAX_BLOB_BYTES + 1)  # whoever serves it, no blob may cost more memory than this
+            if len(data) > MAX_BLOB_BYTES:
+                raise OSError(f"more than {MAX_BLOB_BYTES} bytes")
+            return data
 
         try:
             return await asyncio.to_thread(fetch)

@@ -18,6 +18,7 @@ BLOB_CHUNK_BYTES = 256 * 1024
 MAX_MODEL_BYTES = 1 << 30  # as shared.wire.MAX_PAYLOAD_BYTES
 MAX_CHUNKS = MAX_MODEL_BYTES // BLOB_CHUNK_BYTES
 MAX_MANIFEST_BYTES = 128 + 67 * MAX_CHUNKS + 1024  # a quoted 64-hex name and a comma per chunk, and the fields
+MAX_BLOB_BYTES = max(BLOB_CHUNK_BYTES, MAX_MANIFEST_BYTES)  # what a node reads of one blob at most
 KINDS = ("snapshot", "delta")
 _HEX = set("0123456789abcdef")
 
