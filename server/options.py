@@ -17,14 +17,22 @@ def int_at_least(minimum: int):
     return parse
 
 
-def share_option(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
-    return value
+def fraction(upper: float, closed: bool = False):
+    """An argparse type: a number in [0, upper) ([0, upper] when `closed`), with a clear message otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0.0 <= value <= upper if closed else 0.0 <= value < upper):
+            raise argparse.ArgumentTypeError(f"must be a fraction in [0, {upper}{']' if closed else ')'}, got {value}")
+        return value
+
+    return parse
+
+
+share_option = fraction(1.0, closed=True)  # a share of updates, 0 to 1 inclusive
 
 
 def codec_option(text: str) -> str:

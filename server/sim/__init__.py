@@ -32,7 +32,7 @@ from server.coordinator import Coordinator, JobConfig
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
 from server.model import GPT
 from server.net.signaling import SignalingServer
-from server.options import CODEC_HELP, codec_option, int_at_least, share_option
+from server.options import CODEC_HELP, codec_option, fraction, int_at_least, share_option
 from server.sim.attacks import ATTACKS, SCALE_ATTACK_FACTOR, alie_z, corrupt
 from server.sim.worker import SimPort, worker_key
 from server.training import byte_tensor
@@ -491,27 +491,14 @@ def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None 
 # -- command line --------------------------------------------------------------------------------------------
 
 
-def _fraction(upper: float, closed: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (0.0 <= value <= upper if closed else 0.0 <= value < upper):
-            raise argparse.ArgumentTypeError(f"must be a fraction in [0, {upper}{']' if closed else ')'}, got {value}")
-        return value
-
-    return parse
-
-
 def parser() -> argparse.ArgumentParser:
     d = SimOptions()
     p = argparse.ArgumentParser(prog="python -m server simulate", description=(
-        "Simulate a swarm in one process: the real coordinator (rounds, governance, ledger, aggregation, codecs) "
-        "and N simulated workers (torch CPU, real corpus shards, signed updates) over in-process links, with "
-        "attackers and churn. Writes a CSV and a PNG of the validation loss per round into --out."))
+        "Simulate a swarm in one process: the real coordinator (signaling, rounds, governance, ledger, aggregation, "
+        "codecs) and N simulated workers that run the trainer's own node code (torch CPU, real corpus shards, signed "
+        "updates) over in-process sockets, with attackers and churn. Writes a CSV and a PNG of the validation loss per round into --out."))
     p.add_argument("--workers", type=int_at_least(1), default=d.workers, help="simulated workers (default: %(default)s)")
-    p.add_argument("--byzantine", type=_fraction(MAX_BYZANTINE), default=d.byzantine, metavar="FRACTION",
+    p.add_argument("--byzantine", type=fraction(MAX_BYZANTINE), default=d.byzantine, metavar="FRACTION",
                    help="share of workers that attack, in [0, 0.5) (default: %(default)s)")
     p.add_argument("--attack", choices=ATTACKS, default=d.attack,
                    help="signflip: -g; noise: Gaussian at the honest norm; scale: g x --scale-factor; alie: "
@@ -523,7 +510,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--delta-codec", type=codec_option, default=d.delta_codec, metavar="CODEC",
                    help="how each round's model change travels to the workers, as with the coordinator's option "
                         "(default: %(default)s)")
-    p.add_argument("--churn", type=_fraction(1.0), default=d.churn, metavar="FRACTION",
+    p.add_argument("--churn", type=fraction(1.0), default=d.churn, metavar="FRACTION",
                    help="share of workers replaced by new ones after each round (default: %(default)s)")
     p.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="rounds to run (default: %(default)s)")
     p.add_argument("--inner-steps", type=int_at_least(1), default=d.inner_steps,
@@ -538,7 +525,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODEL_SIZES), default=d.model, help="model size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the model, the worker keys (so their batches) and the attackers (default: %(default)s)")
-    p.add_argument("--tolerate", type=_fraction(MAX_BYZANTINE), default=None, metavar="FRACTION",
+    p.add_argument("--tolerate", type=fraction(MAX_BYZANTINE), default=None, metavar="FRACTION",
                    help="the share f of updates robust rules are told to tolerate (default: the larger of 0.25 and "
                         "the attackers' share)")
     p.add_argument("--scale-factor", type=float, default=d.scale_factor,
