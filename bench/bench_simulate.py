@@ -6,7 +6,7 @@ Never assert a target here (tests/test_simulate.py holds the claims); this print
 usage: python -m bench.bench_simulate [--workers 12] [--byzantine 0.34] [--rounds 8] [--inner-steps 5]
        [--batch 8] [--lr 1e-3] [--corpus-bytes 3000000] [--seed 0] [--attacks signflip,noise,scale,alie]
        [--aggregators mean,median,...]
-       [--codecs fp32 fp16 int8 int8:deflate=false topk topk:deflate=false] [--json]
+       [--codecs fp32 fp16 int8 int8:deflate=false topk topk:deflate=false sparseloco] [--json]
 
 Every run is `server.sim.run_simulation` (the real coordinator, real codecs and rules) with the same seed,
 so the honest workers see the same batches in every run; only the attackers, the rule and the codec change.
@@ -23,7 +23,7 @@ import time
 from server.aggregation import RULES
 from server.sim import ATTACKS, SimOptions, run_simulation
 
-DEFAULT_CODECS = ["fp32", "fp16", "int8:deflate=false", "int8", "topk:deflate=false", "topk"]
+DEFAULT_CODECS = ["fp32", "fp16", "int8:deflate=false", "int8", "topk:deflate=false", "topk", "sparseloco"]
 """Every codec as a job names it (int8 and topk deflate by default), and without deflate, to see what it adds."""
 
 

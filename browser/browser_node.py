@@ -14,11 +14,13 @@ from array import array
 from typing import Any
 
 from kernels.device_browser import BrowserDevice
+from kernels.sparseloco_codec import DeviceSparseLoCo
 from kernels.trainer import DeviceTrainer
 from shared import compress
 from shared.batches import ADAMW_BETAS, ADAMW_EPS, batch_starts
 from shared.model import GPTConfig
 from shared.node import Node, NodePort, Stopped, Work
+from shared.swarm import Swarm
 
 try:
     from pyodide.ffi import JsException, to_js
@@ -61,6 +63,8 @@ class BrowserPort(NodePort):
         self.cfg: GPTConfig | None = None
         self.trainer: DeviceTrainer | None = None  # built for the round's batch when first needed
         self.feedback: compress.ErrorFeedback | None = None  # what a lossy codec left out, sent next round
+        self.device_feedback: DeviceSparseLoCo | None = None  # sparseloco's encoder, its residual on the GPU
+        self.swarm: Swarm | None = None  # the node's peer links, set by BrowserNode
 
     # identity and links: the page's WebCrypto key, socket and data channel
     async def sign(self, data: bytes) -> str:
@@ -92,12 +96,34 @@ class BrowserPort(NodePort):
         await self.bridge.send(frame if isinstance(frame, str) else to_js(frame))
 
     async def close(self) -> None:
-        self.bridge.closeLinks()
+        self.bridge.closeLinks()  # the peer links too
+
+    # peer links (shared/swarm.py): browser/peers.js's data channels, through the bridge
+    async def peer_offer(self, peer: str) -> str:
+        return str(await self.bridge.peerOffer(peer))
+
+    async def peer_answer(self, peer: str, offer: str) -> str:
+        return str(await self.bridge.peerAnswer(peer, offer))
+
+    async def peer_accept(self, peer: str, answer: str) -> None:
+        await self.bridge.peerAccept(peer, answer)
+
+    async def peer_send(self, peer: str, frame: str | bytes) -> None:
+        await self.bridge.peerSend(peer, frame if isinstance(frame, str) else to_js(frame))
+
+    async def peer_close(self, peer: str) -> None:
+        self.bridge.peerClose(peer)
+        self.report_peers()
+
+    def report_peers(self) -> None:
+        """How many peer links are open now, for the page."""
+        if self.swarm is not None:
+            self.report("peers", open=len(self.swarm.open_peers))
 
     # work: the WGSL trainer
     def prepare(self, job: dict, cfg: GPTConfig) -> None:
         if cfg != self.cfg:
-            self.cfg, self.trainer, self.feedback = cfg, None, None
+            self.cfg, self.trainer, self.feedback, self.device_feedback = cfg, None, None, None
 
     async def fetch_shard(self, index: int) -> bytes:
         return js_bytes(await self.bridge.fetchBytes(f"/api/shards/{index}"))
@@ -139,7 +165,19 @@ class BrowserPort(NodePort):
 
     async def encode(self, node: Node, work: Work) -> bytes:
         """theta_global - theta_local read back in fp32, then encoded; a lossy codec goes through error feedback
-        (so what it drops is sent in a later round), and fp32 flushes any residual an earlier codec left."""
+        (so what it drops is sent in a later round), and fp32 flushes any residual an earlier codec left.
+        sparseloco runs on the GPU from the trainer's buffers, its residual kept there: only the payload comes back."""
+        if work.spec.name == "sparseloco":
+            if self.device_feedback is None or self.device_feedback.spec != work.spec:
+                await self._residual_to_cpu()
+                self.device_feedback = DeviceSparseLoCo(self.device, work.spec, self.trainer.num_params,
+                                                        self.trainer.kernels)
+                if self.feedback is not None:  # what an earlier codec left out goes on with this one
+                    self.device_feedback.load_residual(self.feedback)
+                    self.feedback = None
+            # CodecError when not finite; the residual stays
+            return await self.device_feedback.encode_difference(self.trainer.global_params, self.trainer.params)
+        await self._residual_to_cpu()
         values = array("f")
         values.frombytes(await self.trainer.pseudo_gradient_fp32())
         if work.spec.name == "fp32" and self.feedback is None:
@@ -150,6 +188,13 @@ class BrowserPort(NodePort):
         if work.spec.name == "fp32":
             self.feedback = None  # the residual went out in full
         return payload
+
+    async def _residual_to_cpu(self) -> None:
+        """Move sparseloco's GPU residual into `feedback`, for a CPU codec to carry on with."""
+        if self.device_feedback is not None:
+            self.feedback = compress.ErrorFeedback(self.device_feedback.count)
+            self.feedback.residual = await self.device_feedback.read_residual()
+            self.device_feedback = None
 
     def report(self, event: str, **fields: Any) -> None:
         self.bridge.report(json.dumps({"event": event, **fields}, allow_nan=False, default=str))
@@ -163,6 +208,7 @@ class BrowserNode:
                  transport: str = "auto"):
         self.port = BrowserPort(bridge, BrowserDevice(adapter, gpu_device), agent[:200])
         self.node = Node(self.port, node_id, transport)
+        self.port.swarm = self.node.swarm
 
     async def run(self) -> str:
         """Train until Stop, the job's end, or a refusal: "stopped", "finished: why" or "refused: why"."""
@@ -175,6 +221,18 @@ class BrowserNode:
 
     def on_link_closed(self, source: str, reason: str) -> None:
         self.node.lost(source, reason)
+
+    def on_peer_open(self, peer: str) -> None:
+        """The data channel to another node (browser/peers.js) opened."""
+        self.node.peer_opened(peer)
+        self.port.report_peers()
+
+    def on_peer_frame(self, peer: str, data: Any) -> None:
+        self.node.peer_frame(peer, data if isinstance(data, str) else js_bytes(data))
+
+    def on_peer_closed(self, peer: str, reason: str) -> None:
+        self.node.peer_lost(peer, reason)
+        self.port.report_peers()
 
     def stop(self) -> None:
         """Leave cleanly at the next opportunity: a goodbye to the coordinator, then the links close."""

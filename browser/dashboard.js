@@ -217,7 +217,12 @@ function drawChart(history) {
 function renderRounds(history) {
   fillTable("rounds", history.slice(-ROUND_ROWS).reverse(), [
     [h => h.round, "num"], [h => fixed(h.val_loss, 4), "num"], [h => h.accepted, "num"],
-    [h => h.rejected, "num"], [h => integer(h.tokens), "num"], [h => integer(h.bytes), "num"]]);
+    [h => h.rejected, "num"], [h => integer(h.tokens), "num"], [h => integer(h.bytes), "num"],
+    [h => integer(h.coordinator_bytes_out ?? 0), "num"]]);
+}
+
+function megabytes(bytes) {
+  return `${((bytes ?? 0) / 1e6).toFixed(1)} MB`;
 }
 
 function renderNodes(nodes) {
@@ -227,6 +232,9 @@ function renderNodes(nodes) {
     [n => { const s = el("span", shortId(n.id), "mono"); s.title = n.id; return s; }],
     [n => n.kind], [n => badge(n.state)], [n => n.path || "-"],
     [n => (n.tokens_per_second === null ? "-" : integer(Math.round(n.tokens_per_second))), "num"],
+    [n => (n.utilisation === null || n.utilisation === undefined ? "-" : `${Math.round(100 * n.utilisation)}%`), "num"],
+    [n => `${n.peers ?? 0}`, "num"],
+    [n => megabytes(n.bytes_from_peers) + " / " + megabytes(n.bytes_from_coordinator), "num"],
     [n => n.reputation, "num"], [n => credits(n.balance), "num"], [n => credits(n.stake), "num"],
     [n => `${n.updates_accepted} / ${n.updates_rejected}`, "num"]]);
 }

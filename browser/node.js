@@ -1,13 +1,12 @@
 // The browser node's JS half: the Contribute button, WebGPU, Pyodide, the node key, the sockets and the UI.
 // Python (browser_node.py, run by Pyodide) owns the protocol and the rounds; never decide protocol steps here.
-"use strict";
+import { SEND_BUFFER_HIGH, SEND_BUFFER_LOW, hasTurnServer, iceGatheringComplete, linkPath, pathInWords, relayOnly,
+  rtcConfiguration, sendWhenRoom, setIceServers } from "./rtc.js";
+import { PeerLinks } from "./peers.js";
 
 const PYODIDE_URL = "/pyodide/";
 const BUNDLE_URL = "/bundle.zip";
 const GPU_TIMEOUT_MS = 15000; // requestAdapter/requestDevice can stall on a broken driver: never wait forever
-const ICE_GATHERING_TIMEOUT_MS = 10000; // the coordinator takes no trickled candidates, so we wait for all
-const SEND_BUFFER_HIGH = 1 << 20; // pause sending while more than this is queued on a channel or socket
-const SEND_BUFFER_LOW = 256 * 1024;
 const KEY_DB = "swarmgrad";
 const KEY_STORE = "keys";
 const KEY_NAME = "node-ed25519";
@@ -31,11 +30,20 @@ function withTimeout(promise, ms, what) {
 // Everything the page knows about its node, also read by the e2e tests through window.swarmgrad.state.
 const state = {
   phase: "idle", // idle | starting | connecting | training | stopping | stopped | failed | finished
-  message: "", connection: "", path: null, round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
+  path: null, // webrtc | webrtc-relay (through TURN) | websocket
+  message: "", connection: "", round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
   updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
   adapter: null, balance: null, receipts: [],
-  models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes}
+  models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes, hash, fromPeers,
+  // fromCoordinator}
+  peers: 0, bytesFromPeers: 0, bytesFromCoordinator: 0, // open peer links; the models' bytes, by where they came from
 };
+
+// A byte count as the page shows it: 1.2 MB, 340 kB, 512 B.
+function bytesInWords(n) {
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  return n >= 1e3 ? `${Math.round(n / 1e3)} kB` : `${n} B`;
+}
 
 const credits = (micro) => (micro / 1e6).toLocaleString(undefined, { minimumFractionDigits: 6 });
 
@@ -63,13 +71,16 @@ function showSetup(fraction, label) {
 
 function render() {
   $("connection").textContent = state.connection || "-";
-  $("path").textContent = state.path === "webrtc" ? "WebRTC data channel"
-    : state.path === "websocket" ? "WebSocket fallback" : "-";
+  $("path").textContent = pathInWords(state.path);
   $("round").textContent = state.round === null ? "-" : String(state.round);
   $("steps-bar").max = Math.max(state.steps, 1);
   $("steps-bar").value = state.stepsDone;
   $("steps-label").textContent = state.steps ? `${state.stepsDone} / ${state.steps}` : "-";
   $("tokens-per-s").textContent = state.tokensPerSec === null ? "-" : Math.round(state.tokensPerSec).toLocaleString();
+  $("peers").textContent = state.nodeId === null ? "-" : `${state.peers} open`;
+  const fetched = state.bytesFromPeers + state.bytesFromCoordinator;
+  $("model-bytes").textContent = fetched ? `${bytesInWords(state.bytesFromPeers)} from peers, ` +
+    `${bytesInWords(state.bytesFromCoordinator)} from the coordinator` : "-";
   const rejected = state.updatesRejected ? ` (${state.updatesRejected} rejected)` : "";
   $("accepted").textContent = `${state.updatesAccepted}${rejected}`;
   $("balance").textContent = state.balance === null ? "-" : `${credits(state.balance)} credits`;
@@ -256,6 +267,11 @@ class Bridge {
     this.onReport = onReport;
     this.node = null; // the Python BrowserNode, set once created
     this.ws = null; this.pc = null; this.dc = null; this.path = null;
+    this.peers = new PeerLinks({ // the links to other nodes (shared/swarm.py); Python dials and sends
+      onOpen: (peer) => this.toNode("on_peer_open", peer),
+      onFrame: (peer, data) => this.toNode("on_peer_frame", peer, data),
+      onClosed: (peer, reason) => this.toNode("on_peer_closed", peer, reason),
+    });
   }
 
   connectSignaling() {
@@ -288,7 +304,7 @@ class Bridge {
   }
 
   async createOffer() {
-    const pc = new RTCPeerConnection({ iceServers: [] }); // host candidates only: no STUN/TURN is ever added
+    const pc = new RTCPeerConnection(rtcConfiguration()); // only the servers the coordinator named
     const dc = pc.createDataChannel("swarmgrad", { ordered: true });
     dc.binaryType = "arraybuffer";
     dc.bufferedAmountLowThreshold = SEND_BUFFER_LOW;
@@ -298,13 +314,7 @@ class Bridge {
     };
     this.pc = pc; this.dc = dc;
     await pc.setLocalDescription(await pc.createOffer());
-    await new Promise((resolve) => {
-      if (pc.iceGatheringState === "complete") return resolve();
-      const timer = setTimeout(resolve, ICE_GATHERING_TIMEOUT_MS); // send what we have; the fallback covers failure
-      pc.addEventListener("icegatheringstatechange", () => {
-        if (pc.iceGatheringState === "complete") { clearTimeout(timer); resolve(); }
-      });
-    });
+    await iceGatheringComplete(pc); // after the timeout, what we have: the WebSocket fallback covers a failure
     return pc.localDescription.sdp;
   }
 
@@ -331,15 +341,8 @@ class Bridge {
   // One frame on the current path, waiting while the channel's send buffer is full.
   async send(data) {
     if (this.path === "webrtc") {
-      const dc = this.dc;
-      while (dc && dc.readyState === "open" && dc.bufferedAmount > SEND_BUFFER_HIGH) {
-        await new Promise((resolve) => {
-          const timer = setTimeout(resolve, 1000); // re-check: a closing channel never fires bufferedamountlow
-          dc.addEventListener("bufferedamountlow", () => { clearTimeout(timer); resolve(); }, { once: true });
-        });
-      }
-      if (!dc || dc.readyState !== "open") throw new Error("the data channel is closed");
-      dc.send(data);
+      if (!this.dc) throw new Error("the data channel is closed");
+      await sendWhenRoom(this.dc, data, "the data channel");
     } else {
       const ws = this.ws;
       while (ws && ws.readyState === WebSocket.OPEN && ws.bufferedAmount > SEND_BUFFER_HIGH) {
@@ -354,7 +357,23 @@ class Bridge {
     const { ws, pc } = this;
     this.ws = null; this.pc = null; this.dc = null; this.path = null;
     if (pc) pc.close();
+    this.peers.closeAll();
     if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "leaving");
+  }
+
+  // peer links (browser/peers.js), as BrowserPort's peer_* methods call them
+  peerOffer(peer) { return this.peers.offer(peer); }
+  peerAnswer(peer, offerSdp) { return this.peers.answer(peer, offerSdp); }
+  peerAccept(peer, answerSdp) { return this.peers.accept(peer, answerSdp); }
+  peerSend(peer, data) { return this.peers.send(peer, data); }
+  peerClose(peer) { this.peers.close(peer); }
+
+  toNode(method, ...args) {
+    try {
+      this.node?.[method](...args);
+    } catch (e) {
+      console.error(`the node could not take ${method}`, e);
+    }
   }
 
   async sign(data) {
@@ -403,14 +422,15 @@ function onReport(r) {
   switch (r.event) {
     case "state":
       state.connection = r.state;
+      if (r.job) useJobIceServers(r.job); // the Welcome's job, reported before any peer connection is made
       if (r.path !== undefined) state.path = r.path;
       if (r.round !== undefined) state.round = r.round;
       if (r.state === "connected") {
         state.phase = "training";
         showSetup(null);
-        const over = state.path === "webrtc" ? "a WebRTC data channel" : "the WebSocket fallback";
-        showMessage(`Joined as node ${r.node_id.slice(0, 12)}… over ${over}. ` +
-          "Training starts with the next round assignment.");
+        showMessage(`Joined as node ${r.node_id.slice(0, 12)}… over ${state.path === "webrtc" ? "WebRTC"
+          : pathInWords(state.path)}. Training starts with the next round assignment.`);
+        if (state.path === "webrtc" && active?.bridge.pc) refinePath(active.bridge.pc);
       } else if (r.state === "reconnecting") {
         showMessage(r.message, "warning");
       } else if (state.phase !== "training") {
@@ -432,8 +452,14 @@ function onReport(r) {
       state.stepsDone = r.done; state.steps = r.total; state.tokensPerSec = r.tokens_per_s;
       if (r.done === r.total) { stepBase += r.total; state.connection = "uploading the update"; }
       break;
-    case "model":
-      state.models.push({ round: r.round, source: r.source, bytes: r.bytes });
+    case "model": { // a model over the link came whole from the coordinator
+      const fromPeers = r.from_peers ?? 0, fromCoordinator = r.from_coordinator ?? (r.source === "link" ? r.bytes : 0);
+      state.models.push({ round: r.round, source: r.source, bytes: r.bytes, hash: r.hash, fromPeers, fromCoordinator });
+      state.bytesFromPeers += fromPeers; state.bytesFromCoordinator += fromCoordinator;
+      break;
+    }
+    case "peers":
+      state.peers = r.open;
       break;
     case "uploaded":
       state.connection = "waiting for the verdict";
@@ -463,6 +489,25 @@ function onReport(r) {
       break;
   }
   render();
+}
+
+// The job's STUN/TURN servers (RTCIceServer dictionaries) for every peer connection from now on.
+function useJobIceServers(job) {
+  setIceServers(job.ice_servers || []);
+  if (relayOnly() && !hasTurnServer()) {
+    showMessage("This page asks for relay-only WebRTC (?relay=1), but the coordinator names no TURN server, so no " +
+      "data channel can open; the WebSocket fallback will carry the rounds.", "warning");
+  }
+}
+
+// A data channel is up: whether it goes through TURN shows in the pair ICE selected.
+async function refinePath(pc) {
+  try {
+    const path = await linkPath(pc);
+    if (state.path === "webrtc" && active?.bridge.pc === pc) { state.path = path; render(); }
+  } catch (e) {
+    console.warn("cannot read the selected candidate pair", e);
+  }
 }
 
 async function contribute() {
@@ -555,6 +600,8 @@ window.swarmgrad = {
   state,
   contribute,
   stop,
+  peerConnection: () => active?.bridge.pc ?? null, // the data channel's connection to the coordinator, for getStats
+  rtcConfiguration,
   // loss and gradient of one batch at the given parameters (all base64), computed by the WGSL kernels
   async gradientForBatch(model, paramsB64, tokensB64, targetsB64, seqLen) {
     const { adapter, device, module } = await probes();

@@ -48,7 +48,7 @@ def test_browser_node_trains_two_rounds_over_webrtc(processes, chromium, loopbac
 
     # checked as soon as the channel is up: the 2-round job may end (and the page leave) a second later
     wait_for_state(page, "s.path === 'webrtc' && s.phase === 'training'", 150)
-    assert page.inner_text("#path") == "WebRTC data channel"
+    assert page.inner_text("#path") == "direct WebRTC"
     state = wait_for_state(page, "s.updatesAccepted >= 1", 150)
     page.screenshot(path=str(SCREENSHOT_DIR / "swarmgrad-training.png"), full_page=True)
 

@@ -113,7 +113,7 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     assert list(shown) == [h["round"] for h in reversed(final["history"])] == list(range(ROUNDS, -1, -1))
     for h in final["history"]:
         assert shown[h["round"]] == [f"{h['val_loss']:.4f}", str(h["accepted"]), str(h["rejected"]),
-                                     f"{h['tokens']:,}", f"{h['bytes']:,}"]
+                                     f"{h['tokens']:,}", f"{h['bytes']:,}", f"{h['coordinator_bytes_out']:,}"]
     assert final["history"][-1]["val_loss"] < final["history"][0]["val_loss"]
     assert page.eval_on_selector("#loss-chart", "c => c.dataset.points") == str(ROUNDS + 1)
     assert line_pixels(page) > 200  # the loss line and its points were drawn
@@ -121,7 +121,10 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     # the trainer, paid for its work
     (node,) = final["nodes"]
     (row,) = table_rows(page, "nodes")
-    node_id, kind, state, path, speed, reputation, balance, stake, updates = row
+    node_id, kind, state, path, speed, busy, peers, model_bytes, reputation, balance, stake, updates = row
+    assert 0 < node["utilisation"] <= 1 and busy == f"{round(100 * node['utilisation'])}%"
+    assert peers == "0" and model_bytes == f"0.0 MB / {node['bytes_from_coordinator'] / 1e6:.1f} MB"
+    assert node["bytes_from_coordinator"] >= 4 * final["job"]["params"]  # alone, it got its models from here
     assert node_id == node["id"][:12] + "…"
     assert kind == "trainer" == node["kind"]
     assert state == node["state"]

@@ -23,6 +23,7 @@ SHADER_FILES = (
     "matmul.wgsl",
     "pseudo_gradient.wgsl",
     "quantize.wgsl",
+    "sparseloco.wgsl",
 )
 
 

@@ -10,20 +10,24 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server.options import CODEC_HELP, codec_option, int_at_least, share_option
+from server.options import CODEC_HELP, codec_option, int_at_least, listen_option, share_option
 
 COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
+TURN_PASSWORD_ENV = "SWARMGRAD_TURN_PASSWORD"
 
 
 def serve_parser() -> argparse.ArgumentParser:
     from server.coordinator import JobConfig
     from shared import aggregate
     from shared.model import MODEL_SIZES
+
+    from server.coordinator.tracker import DEFAULT_PEERS
 
     d = JobConfig()
     p = argparse.ArgumentParser(prog="python -m server", description=(
@@ -51,6 +55,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="how each round's model change travels to nodes, with error feedback so that nothing is "
                         "lost for good; every node applies the same bytes and checks the signed hash (fp32 sends "
                         "the exact change); fixed for the job's life (default: %(default)s)")
+    p.add_argument("--peers", type=int_at_least(0), default=DEFAULT_PEERS, metavar="K",
+                   help="peer links the coordinator (as tracker) advises each node to open: nodes fetch model chunks "
+                        "from each other first and the coordinator seeds each chunk about once; 0 = a star, every "
+                        "node fetches everything from the coordinator (default: %(default)s)")
     p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
                    help="how the coordinator combines updates; governed, so votes may change it "
                         "(default: %(default)s)")
@@ -62,6 +70,18 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: the --host address "
                         "when it is a loopback address, else every interface")
+    p.add_argument("--ice-server", action="append", default=[], type=ice_server_url, metavar="URL",
+                   help="a STUN or TURN server for every peer connection, the coordinator's and its nodes' (sent "
+                        "to each node with the job); repeatable: stun:HOST[:PORT], turn:HOST[:PORT]"
+                        "[?transport=udp|tcp] or turns:HOST[:PORT][?transport=tcp]. TURN URLs take their "
+                        "credentials from --turn-username and --turn-password. Default: none (no server is ever "
+                        "added implicitly)")
+    p.add_argument("--turn-username", default=None, metavar="USER",
+                   help="the username for every turn:/turns: --ice-server (required with one)")
+    p.add_argument("--turn-password", default=None, metavar="PASSWORD",
+                   help=f"the password for every turn:/turns: --ice-server (required with one; default: the "
+                        f"{TURN_PASSWORD_ENV} environment variable, which keeps it out of the process list). Every "
+                        "node receives these credentials, and /api/status never shows them")
     p.add_argument("--data", type=Path, default=None,
                    help="your own text corpus: a file, or a directory of .txt/.md/.py/.rst files "
                         "(default: the Python standard library's source)")
@@ -70,6 +90,34 @@ def serve_parser() -> argparse.ArgumentParser:
                         "its rules, which change only by vote (default: shared/default_rules.toml)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def ice_server_url(text: str) -> str:
+    """An argparse type: a stun:, turn: or turns: URL (server.net.rtc.parse_ice_url), with what is wrong."""
+    from server.net import rtc
+
+    try:
+        return rtc.parse_ice_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    """The coordinator's options, with `ice_servers`: the job's RTCIceServer list built from --ice-server and the
+    TURN credentials (an argparse error, exit status 2, when they do not fit together)."""
+    from server.net import rtc
+
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    password = args.turn_password
+    if password is None and any(rtc.is_turn_url(url) for url in args.ice_server):
+        password = os.environ.get(TURN_PASSWORD_ENV)
+    try:
+        args.ice_servers = rtc.ice_server_list(args.ice_server, args.turn_username, password)
+    except ValueError as e:
+        parser.error(f"--ice-server: {e}; TURN credentials come from --turn-username and --turn-password "
+                     f"(or ${TURN_PASSWORD_ENV})")
+    return args
 
 
 def trainer_parser() -> argparse.ArgumentParser:
@@ -83,10 +131,18 @@ def trainer_parser() -> argparse.ArgumentParser:
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
                    help="restrict WebRTC (ICE) to this local address; repeatable. Default: loopback when the "
                         "coordinator is on loopback")
+    p.add_argument("--ice-relay-only", action="store_true",
+                   help="use only TURN relay candidates (the coordinator's turn: --ice-server), for networks "
+                        "where nothing else gets through; without one no data channel opens")
     p.add_argument("--transport", default="auto", choices=["auto", "webrtc", "websocket"],
                    help="auto tries a WebRTC data channel and falls back to the WebSocket (default: %(default)s)")
     p.add_argument("--key-file", type=Path, default=None,
                    help="keep this node's ed25519 key here, to rejoin as the same node (default: a new key)")
+    p.add_argument("--listen", type=listen_option, default=None, metavar="HOST:PORT",
+                   help="serve the blobs this trainer holds to its peers over plain HTTP here (PORT 0 picks one), "
+                        "and fetch theirs from where they do the same: much faster than data channels, for "
+                        "trainers that reach each other directly (a cluster, a LAN). HOST is told to peers: an "
+                        "address they reach. Default: data channels only")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -106,7 +162,7 @@ def _logging(level: str) -> None:
 
 
 def serve(argv: list[str]) -> int:
-    args = serve_parser().parse_args(argv)
+    args = parse_serve_args(argv)
     _logging(args.log_level)
     import uvicorn
 
@@ -127,7 +183,8 @@ def serve(argv: list[str]) -> int:
             ice = ["127.0.0.1" if ":" not in args.host else "::1"]
         rtc.restrict_ice_hosts(ice)
         rules = args.rules.read_text() if args.rules else None
-        coordinator = Coordinator(args.data_dir, job, corpus, rules_toml=rules)
+        coordinator = Coordinator(args.data_dir, job, corpus, rules_toml=rules, peers=args.peers,
+                                  ice_servers=args.ice_servers)
     except (ValueError, KeyError, OSError, CorpusError, JobMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -148,7 +205,7 @@ def trainer(argv: list[str]) -> int:
     from shared.node import Refused
 
     options = TrainerOptions(args.coordinator, args.device, args.max_rounds, args.ice_host, args.transport,
-                             args.key_file, not args.no_progress)
+                             args.key_file, not args.no_progress, args.ice_relay_only, args.listen)
     try:
         configure_ice(options)
         node = Trainer(options)
@@ -176,12 +233,13 @@ def format_status(s: dict) -> str:
     for h in s["history"]:
         v = "n/a" if h["val_loss"] is None else f"{h['val_loss']:.4f}"
         lines.append(f"{h['round']:>5}  {v:>9}  {h['accepted']:>8}  {h['rejected']:>8}  {h['tokens']:>10,}")
-    lines += ["", f"{'node':<14}  {'kind':<8}  {'state':<11}  {'path':<9}  {'accepted':>8}  {'tok/s':>8}  "
-                  f"{'reputation':>10}  {'credits':>12}"]
+    lines += ["", f"{'node':<14}  {'kind':<8}  {'state':<11}  {'path':<12}  {'accepted':>8}  {'tok/s':>8}  "
+                  f"{'busy':>5}  {'peers':>5}  {'reputation':>10}  {'credits':>12}"]
     for n in s["nodes"]:
-        speed = n.get("tokens_per_second")
-        lines.append(f"{n['id'][:12] + '…':<14}  {n['kind']:<8}  {n['state']:<11}  {n['path'] or '-':<9}  "
+        speed, busy = n.get("tokens_per_second"), n.get("utilisation")
+        lines.append(f"{n['id'][:12] + '…':<14}  {n['kind']:<8}  {n['state']:<11}  {n['path'] or '-':<12}  "
                      f"{n['updates_accepted']:>8}  {'-' if speed is None else f'{speed:,.0f}':>8}  "
+                     f"{'-' if busy is None else f'{busy:.0%}':>5}  {n.get('peers', 0):>5}  "
                      f"{n.get('reputation', 0):>10}  {n.get('balance', 0) / 1e6:>12,.6f}")
     return "\n".join(lines)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared.compress import (INT8_LEVELS, INT8_MIN_BLOCK_AMAX, CodecError, CodecSpec, encoded_size, int8_block,
-                             pack, topk_count, unpack)
+from shared.compress import (INT8_LEVELS, INT8_MIN_BLOCK_AMAX, SPARSELOCO_BITS, CodecError, CodecSpec,
+                             SparseLoCoLayout, encoded_size, int8_block, pack, sparseloco_layout, sparseloco_ranks,
+                             topk_count, unpack)
 
 
 def _check_finite(values: torch.Tensor) -> None:
@@ -53,6 +54,83 @@ def topk_indices(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.cat([above, at])).values
 
 
+def _pack_bits(values: np.ndarray, width: int) -> bytes:
+    """shared.compress._pack_bits: `width`-bit values as one little-endian bitstream, zero-padded to a byte."""
+    bits = (values.astype(np.uint32)[:, None] >> np.arange(width, dtype=np.uint32)) & 1
+    return np.packbits(bits.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: bytes, count: int, width: int, what: str) -> np.ndarray:
+    """_pack_bits' inverse for `count` values (int64); raises CodecError when a padding bit is set."""
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[count * width :].any():
+        raise CodecError(f"sparseloco {what} stream has padding bits set after its last value")
+    return bits[: count * width].reshape(count, width).astype(np.int64) @ (1 << np.arange(width, dtype=np.int64))
+
+
+def _chunk_counts(layout: SparseLoCoLayout) -> np.ndarray:
+    """k_c of every chunk."""
+    kept = np.full(layout.chunks, layout.k, dtype=np.int64)
+    if layout.chunks:
+        kept[-1] = layout.kept(layout.chunks - 1)
+    return kept
+
+
+def _sparseloco_encode(values: torch.Tensor, layout: SparseLoCoLayout) -> bytes:
+    """The spec's ranking as one top-k over unique integer keys: the magnitude's float32 bits, then the offset
+    reversed, so that a larger key is a larger |x| or, at equal |x|, the lower index (no tie left to chance)."""
+    if layout.chunks == 0:
+        return b""
+    n, size, b = layout.n, layout.chunk, layout.index_bits
+    offsets = torch.arange(n, dtype=torch.int64) % size
+    magnitude_bits = values.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    keys = torch.full((layout.chunks * size,), -1, dtype=torch.int64)  # padding ranks below every value
+    keys[:n] = (magnitude_bits << b) | (size - 1 - offsets)
+    top = torch.topk(keys.view(layout.chunks, size), layout.k, dim=1, sorted=True).values  # rank order
+    kept = torch.from_numpy(_chunk_counts(layout))
+    high, hi_rank, lo_rank = torch.tensor([sparseloco_ranks(int(k)) for k in kept]).unbind(1)
+    ranks = torch.arange(layout.k)[None, :]
+    sent = ranks < kept[:, None]  # the last chunk may send fewer than K
+    levels = (top >> b).to(torch.int32).view(torch.float32)
+    level_pairs = torch.stack([levels.gather(1, hi_rank[:, None])[:, 0], levels.gather(1, lo_rank[:, None])[:, 0]], 1)
+    offset = torch.where(sent, size - 1 - (top & ((1 << b) - 1)), size)  # unsent ranks sort after every offset
+    index = (torch.arange(layout.chunks)[:, None] * size + offset).clamp_(max=n - 1)
+    codes = (values[index] < 0).to(torch.int64) | ((ranks < high[:, None]).to(torch.int64) << 1)
+    offset, order = torch.sort(offset, dim=1)
+    codes = codes.gather(1, order)
+    return (level_pairs.numpy().astype("<f4").tobytes() + _pack_bits(offset[sent].numpy(), b)
+            + _pack_bits(codes[sent].numpy(), SPARSELOCO_BITS))
+
+
+def _sparseloco_decode(data: bytes, layout: SparseLoCoLayout) -> np.ndarray:
+    levels = np.frombuffer(data, dtype="<f4", count=2 * layout.chunks).astype(np.float32).reshape(-1, 2)
+    hi, lo = levels[:, 0], levels[:, 1]
+    kept = _chunk_counts(layout)
+    high = kept // 2  # sparseloco_ranks' h
+    bad = np.flatnonzero(~(np.isfinite(hi) & (hi >= lo) & (lo >= 0) & ((high > 0) | (hi == lo))))
+    if bad.size:
+        c = bad[0]
+        raise CodecError(f"sparseloco chunk {c} has levels ({hi[c]}, {lo[c]}); they are finite, hi >= lo >= 0, "
+                         f"and equal when no value is high")
+    start = layout.level_bytes
+    offsets = _unpack_bits(data[start : start + layout.index_bytes], layout.selected, layout.index_bits, "offset")
+    codes = _unpack_bits(data[start + layout.index_bytes :], layout.selected, SPARSELOCO_BITS, "code")
+    chunk_of = np.repeat(np.arange(layout.chunks), kept)
+    lengths = np.minimum(layout.chunk, layout.n - np.arange(layout.chunks) * layout.chunk)
+    same_chunk = chunk_of[1:] == chunk_of[:-1]
+    if (offsets >= lengths[chunk_of]).any() or (np.diff(offsets)[same_chunk] <= 0).any():
+        raise CodecError("sparseloco offsets must be strictly ascending within each chunk and below its length")
+    highs = np.bincount(chunk_of, weights=codes >> 1, minlength=layout.chunks)
+    bad = np.flatnonzero(highs != high)
+    if bad.size:
+        c = bad[0]
+        raise CodecError(f"sparseloco chunk {c} marks {int(highs[c])} values high; its {kept[c]} values have {high[c]}")
+    values = np.where(codes & 2, hi[chunk_of], lo[chunk_of])
+    out = np.zeros(layout.n, dtype=np.float32)
+    out[chunk_of * layout.chunk + offsets] = np.where(codes & 1, -values, values)
+    return out
+
+
 def encode_torch(spec: CodecSpec, values: torch.Tensor) -> bytes:
     """Encode a 1-D float32 tensor (the trainer's pseudo-gradient) exactly as shared.compress.encode does."""
     return pack(spec, _encode_raw(spec, values.detach().reshape(-1).to(device="cpu", dtype=torch.float32)))
@@ -76,6 +154,8 @@ def _encode_raw(spec: CodecSpec, values: torch.Tensor) -> bytes:
         count = np.array([indices.numel()], dtype="<u4").tobytes()
         kept = values[indices].numpy().astype("<f4", copy=False)
         return count + indices.numpy().astype("<u4").tobytes() + kept.tobytes()
+    if spec.name == "sparseloco":
+        return _sparseloco_encode(values, sparseloco_layout(spec, values.numel()))
     raise CodecError(f"unknown codec {spec.name!r}")
 
 
@@ -122,6 +202,8 @@ def _decode_raw(spec: CodecSpec, data: bytes, n: int) -> np.ndarray:
         out = np.zeros(n, dtype=np.float32)
         out[indices] = np.frombuffer(data, dtype="<f4", count=k, offset=4 + 4 * k)
         return out
+    if spec.name == "sparseloco":
+        return _sparseloco_decode(data, sparseloco_layout(spec, n))
     raise CodecError(f"unknown codec {spec.name!r}")
 
 

@@ -46,5 +46,16 @@ def codec_option(text: str) -> str:
     return text
 
 
-CODEC_HELP = ("how nodes send pseudo-gradients: fp32, fp16, int8 or topk, optionally with parameters, e.g. "
-              "int8:block=128 or topk:fraction=0.01,deflate=false (int8 and topk deflate by default)")
+CODEC_HELP = ("how nodes send pseudo-gradients: fp32, fp16, int8, topk or sparseloco, optionally with parameters, "
+              "e.g. int8:block=128, topk:fraction=0.01,deflate=false or sparseloco:chunk=4096,k=64,bits=2 (int8 and "
+              "topk deflate by default)")
+
+
+def listen_option(text: str) -> tuple[str, int]:
+    """An argparse type: the trainer's --listen HOST:PORT (server/net/blob_http.py's parse_listen)."""
+    from server.net.blob_http import ListenError, parse_listen
+
+    try:
+        return parse_listen(text)
+    except ListenError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -23,6 +23,7 @@ from server.codecs import TorchErrorFeedback, apply_delta
 from server.keys import NodeKey
 from server.model import GPT, flat_parameters, load_flat_parameters
 from server.net import rtc
+from server.net.blob_http import BlobServer, ListenError
 from server.net.client import ClientLinks
 from server.training import byte_tensor, inner_steps
 from shared.compress import CodecSpec
@@ -44,6 +45,8 @@ class TrainerOptions:
     transport: str = "auto"  # auto | webrtc | websocket
     key_file: Path | None = None
     progress: bool = True
+    ice_relay_only: bool = False  # TURN relay candidates only
+    listen: tuple[str, int] | None = None  # serve held blobs to peers over HTTP here (--listen HOST:PORT)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +87,7 @@ class TorchPort(ClientLinks):
         self.error_feedback: TorchErrorFeedback | None = None  # what lossy codecs left out, sent next round
 
     def prepare(self, job: dict, cfg: GPTConfig) -> None:
+        super().prepare(job, cfg)  # the job's ICE servers
         if self.model is None or self.model.cfg != cfg:
             self.model = GPT(cfg).to(self.device)
             self.error_feedback = TorchErrorFeedback(int(job["params"]))
@@ -116,6 +120,9 @@ class TorchPort(ClientLinks):
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return np.frombuffer(data, "<f4").astype(np.float32)
 
+    def applies_delta(self, model: np.ndarray) -> bool:
+        return True
+
     def apply_delta(self, model: np.ndarray, codec: CodecSpec, data: bytes) -> tuple[np.ndarray, bytes]:
         new = apply_delta(model, codec, data)
         return new, new.tobytes()
@@ -143,13 +150,14 @@ class TorchPort(ClientLinks):
             log.warning("connection to the coordinator lost: %s", f["message"])
         elif event == "round" and f["plan"]:
             log.info("round %d: %s", f["round"], f["plan"])
-        elif event == "model" and f["source"] == "blobs":
-            log.info("round %d: model fetched as %d chunks (%d bytes) over HTTP", f["round"], f["chunks"], f["bytes"])
-        elif event == "model" and f["source"] == "delta":
-            log.info("round %d: model updated by a delta of %d chunks (%d bytes) over HTTP", f["round"], f["chunks"],
-                     f["bytes"])
+        elif event == "model" and f["source"] in ("blobs", "delta"):
+            what = "model fetched as" if f["source"] == "blobs" else "model updated by a delta of"
+            log.info("round %d: %s %d chunks (%d bytes): %d bytes from peers, %d from the coordinator; model %s; "
+                     "%d of the bytes from peers over HTTP", f["round"], what, f["chunks"], f["bytes"], f["from_peers"],
+                     f["from_coordinator"], f["hash"], f["from_peers_direct"])
         elif event == "model":
-            log.info("round %d: model fetched over the %s (%d bytes)", f["round"], f["source"], f["bytes"])
+            log.info("round %d: model fetched over the %s (%d bytes); model %s", f["round"], f["source"], f["bytes"],
+                     f["hash"])
         elif event == "uploaded":
             log.info("round %d: uploaded %d bytes, sha256 %s", f["round"] + 1, f["bytes"], f["sha256"])
         elif event == "round_closed":
@@ -181,9 +189,20 @@ class Trainer:
         self.port = TorchPort(ws_url, self.key, resolve_device(options.device),
                               urlunsplit((parts.scheme, parts.netloc, "", "", "")), Progress(options.progress))
         self.node = Node(self.port, self.key.node_id, options.transport, options.max_rounds)
+        self.listen = options.listen
+        self.blob_server = BlobServer(self.node.swarm.serve_direct)
 
     async def run(self) -> int:
-        return EXIT_CODES[(await self.node.run()).how]
+        if self.listen is not None:
+            try:
+                self.port.blob_url = await self.blob_server.start(*self.listen)
+            except (OSError, ListenError) as e:
+                raise Refused(f"--listen {self.listen[0]}:{self.listen[1]}: {e}") from None
+            log.info("serving held blobs to peers at %s/blobs/{sha256}", self.port.blob_url)
+        try:
+            return EXIT_CODES[(await self.node.run()).how]
+        finally:
+            await self.blob_server.close()
 
 
 def configure_ice(options: TrainerOptions) -> None:
@@ -194,3 +213,4 @@ def configure_ice(options: TrainerOptions) -> None:
             hosts = ["::1" if host == "::1" else "127.0.0.1"]  # a coordinator on loopback is reached on loopback
     if hosts:
         rtc.restrict_ice_hosts(hosts)
+    rtc.require_relay(options.ice_relay_only)

@@ -29,6 +29,34 @@ topk  {"k": K} or            The k values of largest |x|, ties to the lower inde
                              k uint32 indices strictly ascending and < n, then the k float32 values:
                              4 + 8k bytes. Positions not sent decode to 0. The encoder keeps what it did
                              not send (ErrorFeedback) and adds it to the next round's values.
+sparseloco                   Chunked top-k with 2-bit values (SparseLoCo, arXiv 2508.15706; Covenant-72B sent
+  {"chunk": C, "k": K,       top-64 of every 4096 at 2 bits). Defaults C = 4096, K = 64, bits = 2 (the only
+   "bits": 2}                width); 1 <= C <= MAX_SPARSELOCO_CHUNK, 1 <= K <= C. Values are cut into
+                             ceil(n / C) chunks of C (the last may be shorter, of length L); chunk c keeps
+                             k_c = min(K, L_c) values. Within a chunk the values are ranked by |x| descending
+                             (comparing float32 magnitudes), ties to the lower index; ranks 0 .. k_c - 1 are sent.
+                             Of those, the first h = k_c // 2 are "high" (equal magnitudes split by index, as
+                             in the selection), the rest "low". Two float32 levels per chunk, each the magnitude
+                             of one sent value (no arithmetic, so every encoder and the GPU pick the same
+                             bits): hi = |x| at rank h // 2 (the high group's median),
+                             lo = |x| at rank h + (k_c - h) // 2 (the low group's median). A value's 2-bit code:
+                             bit 0 = 1 when x < 0 (so -0.0 counts as positive), bit 1 = 1 when it is high; it
+                             decodes to +-hi or +-lo, and every value not sent to 0. The paper's quantiser maps
+                             values to 4 bins of a statistical range; this one keeps its 2 bits but takes its
+                             levels from order statistics, which a GPU reproduces exactly.
+                             Wire: the chunks' levels as float32 pairs (hi, lo), 8 per chunk; then the
+                             S = sum k_c offsets within their chunks, chunk after chunk and ascending within
+                             each, b = max(1, bit_length(C - 1)) bits each (12 at C = 4096); then the S codes,
+                             2 bits each, in the same order. Each bitstream is packed least significant bit
+                             first (value j at bits j*b .. j*b + b - 1 of the little-endian stream) and zero-
+                             padded to a whole byte: 8 * chunks + ceil(S * b / 8) + ceil(S / 4) bytes, 120 per
+                             full chunk at the defaults (0.0293 bytes per value, 136x fewer than fp32). A
+                             decoder refuses levels that are not finite or not hi >= lo >= 0 (hi == lo when
+                             h = 0), offsets not ascending within their chunk or beyond its length, a chunk
+                             whose count of high codes is not h, and non-zero padding bits. The encoder keeps
+                             what it did not send, and the quantisation error of what it did (ErrorFeedback;
+                             the paper also decays that residual and drops the outer momentum, where a job
+                             keeps plain error feedback and its outer Nesterov step).
 
 Any codec also takes {"deflate": true}: a lossless stage after the codec. The codec's bytes (the "raw"
 payload, encoded_size(spec, n) of them) go on the wire as one raw DEFLATE stream (RFC 1951, no zlib header:
@@ -65,6 +93,14 @@ MAX_INT8_BLOCK = 1 << 20
 DEFAULT_TOPK_FRACTION = 0.02
 """Keeps 2% of the values at 8 bytes each: 25x fewer bytes than fp32."""
 
+DEFAULT_SPARSELOCO_CHUNK = 4096
+DEFAULT_SPARSELOCO_K = 64
+SPARSELOCO_BITS = 2
+"""The only value width sparseloco has; "bits" travels in its params so that another width is a new spec, not a
+silent change of meaning."""
+MAX_SPARSELOCO_CHUNK = 4096
+"""One GPU workgroup ranks a whole chunk in its registers (256 invocations x 16 values, kernels/sparseloco.wgsl)."""
+
 INT8_MIN_BLOCK_AMAX = 2.0**-100
 """A block whose largest magnitude is below this is sent as zeros; the threshold sits far above the
 subnormals a GPU may flush to zero, so flushing never changes a byte (kernels/quant.py's MIN_BLOCK_AMAX)."""
@@ -99,18 +135,19 @@ class CodecSpec:
         return cls(d["name"], params)
 
 
-CODECS = ("fp32", "fp16", "int8", "topk")
+CODECS = ("fp32", "fp16", "int8", "topk", "sparseloco")
 
 CODEC_DEFAULTS: dict[str, dict] = {
     "fp32": {},
     "fp16": {},
     "int8": {"block": DEFAULT_INT8_BLOCK, "deflate": True},
     "topk": {"fraction": DEFAULT_TOPK_FRACTION, "deflate": True},
+    "sparseloco": {"chunk": DEFAULT_SPARSELOCO_CHUNK, "k": DEFAULT_SPARSELOCO_K, "bits": SPARSELOCO_BITS},
 }
 """What a job's bare codec name means (parse_codec). On the wire every parameter is explicit, and an absent
 "deflate" means false; a job turns deflate on for the lossy codecs because it is lossless and their bytes
 compress (in the simulator's tiny-model runs, int8 goes from 3.94x to 4.35x fewer bytes than fp32 and top-k
-from 25x to 30.9x); fp32 and fp16 barely do."""
+from 25x to 30.9x); fp32 and fp16 barely do, and neither does sparseloco, whose bits are already packed."""
 
 
 def _is_int(x) -> bool:
@@ -168,6 +205,72 @@ def topk_count(spec: CodecSpec, n: int) -> int:
     return min(n, max(1, math.floor(fraction * n + 0.5)))
 
 
+@dataclass(frozen=True)
+class SparseLoCoLayout:
+    """Where everything of a sparseloco payload of n values lies: the arithmetic every encoder and decoder shares."""
+
+    n: int
+    chunk: int  # C
+    k: int  # K
+    index_bits: int  # b: the width of an offset within a chunk
+    chunks: int
+
+    def length(self, c: int) -> int:
+        """How many values chunk c holds (C, but the last may be shorter)."""
+        return min(self.chunk, self.n - c * self.chunk)
+
+    def kept(self, c: int) -> int:
+        """k_c: how many values chunk c sends."""
+        return min(self.k, self.length(c))
+
+    @property
+    def selected(self) -> int:
+        """S: how many values the payload carries."""
+        return 0 if self.chunks == 0 else (self.chunks - 1) * self.k + self.kept(self.chunks - 1)
+
+    @property
+    def level_bytes(self) -> int:
+        return 8 * self.chunks
+
+    @property
+    def index_bytes(self) -> int:
+        return -(-self.selected * self.index_bits // 8)
+
+    @property
+    def code_bytes(self) -> int:
+        return -(-self.selected * SPARSELOCO_BITS // 8)
+
+    @property
+    def size(self) -> int:
+        return self.level_bytes + self.index_bytes + self.code_bytes
+
+
+def sparseloco_ranks(kept: int) -> tuple[int, int, int]:
+    """(h, rank of hi, rank of lo) for a chunk that sends `kept` values: the first h ranks are high, and each
+    level is the magnitude of the median of its group."""
+    high = kept // 2
+    return high, high // 2, high + (kept - high) // 2
+
+
+def sparseloco_layout(spec: CodecSpec, n: int) -> SparseLoCoLayout:
+    """The sparseloco layout of n values under `spec`, after checking its params."""
+    _check_n(n)
+    params = _codec_params(spec)
+    unknown = set(params) - {"chunk", "k", "bits"}
+    if unknown:
+        raise CodecError(f"sparseloco takes 'chunk', 'k' and 'bits' (and 'deflate'), got {sorted(unknown)}")
+    chunk = params.get("chunk", DEFAULT_SPARSELOCO_CHUNK)
+    if not _is_int(chunk) or not 1 <= chunk <= MAX_SPARSELOCO_CHUNK:
+        raise CodecError(f"sparseloco chunk must be an integer in [1, {MAX_SPARSELOCO_CHUNK}], got {chunk!r}")
+    k = params.get("k", DEFAULT_SPARSELOCO_K)
+    if not _is_int(k) or not 1 <= k <= chunk:
+        raise CodecError(f"sparseloco k must be an integer in [1, chunk = {chunk}], got {k!r}")
+    bits = params.get("bits", SPARSELOCO_BITS)
+    if not _is_int(bits) or bits != SPARSELOCO_BITS:
+        raise CodecError(f"sparseloco bits must be {SPARSELOCO_BITS} (sign and high/low), got {bits!r}")
+    return SparseLoCoLayout(n, chunk, k, max(1, (chunk - 1).bit_length()), -(-n // chunk))
+
+
 def _no_params(spec: CodecSpec) -> None:
     params = _codec_params(spec)
     if params:
@@ -187,6 +290,8 @@ def encoded_size(spec: CodecSpec, n: int) -> int:
         return 4 * -(-n // int8_block(spec)) + n
     if spec.name == "topk":
         return 4 + 8 * topk_count(spec, n)
+    if spec.name == "sparseloco":
+        return sparseloco_layout(spec, n).size
     raise CodecError(f"unknown codec {spec.name!r}; known: {', '.join(CODECS)}")
 
 
@@ -336,6 +441,77 @@ def _topk_indices(values: array, k: int) -> list[int]:
     return sorted(heapq.nsmallest(k, range(len(values)), key=lambda i: (-abs(values[i]), i)))
 
 
+def _pack_bits(values: list[int], width: int) -> bytes:
+    """Unsigned values of `width` bits each as one little-endian bitstream, zero-padded to a whole byte. Eight
+    values fill exactly `width` bytes, so the stream is built 8 values at a time: linear in the values."""
+    out = bytearray()
+    for start in range(0, len(values), 8):
+        group = 0
+        for j, value in enumerate(values[start : start + 8]):
+            group |= value << (j * width)
+        out += group.to_bytes(width, "little")
+    return bytes(out[: -(-len(values) * width // 8)])
+
+
+def _unpack_bits(data: bytes, count: int, width: int, what: str) -> list[int]:
+    """_pack_bits' inverse for `count` values; raises CodecError when a padding bit is set."""
+    mask = (1 << width) - 1
+    values: list[int] = []
+    for start in range(0, count, 8):
+        group = int.from_bytes(data[start // 8 * width : start // 8 * width + width], "little")
+        m = min(8, count - start)
+        values.extend((group >> (j * width)) & mask for j in range(m))
+        if group >> (m * width):
+            raise CodecError(f"sparseloco {what} stream has padding bits set after its last value")
+    return values
+
+
+def _sparseloco_encode(values: array, layout: SparseLoCoLayout) -> bytes:
+    levels = array("f")
+    offsets: list[int] = []
+    codes: list[int] = []
+    for c in range(layout.chunks):
+        chunk = values[c * layout.chunk : c * layout.chunk + layout.length(c)]
+        kept = layout.kept(c)
+        ranked = heapq.nsmallest(kept, range(len(chunk)), key=lambda i: (-abs(chunk[i]), i))  # ties: lower index
+        high, hi_rank, lo_rank = sparseloco_ranks(kept)
+        levels.extend((abs(chunk[ranked[hi_rank]]), abs(chunk[ranked[lo_rank]])))
+        is_high = set(ranked[:high])
+        for i in sorted(ranked):
+            offsets.append(i)
+            codes.append((chunk[i] < 0) | (i in is_high) << 1)
+    return _le(levels) + _pack_bits(offsets, layout.index_bits) + _pack_bits(codes, SPARSELOCO_BITS)
+
+
+def _sparseloco_decode(data: bytes, layout: SparseLoCoLayout) -> array:
+    levels = _from_le("f", data[: layout.level_bytes])
+    start = layout.level_bytes
+    offsets = _unpack_bits(data[start : start + layout.index_bytes], layout.selected, layout.index_bits, "offset")
+    codes = _unpack_bits(data[start + layout.index_bytes :], layout.selected, SPARSELOCO_BITS, "code")
+    out = array("f", bytes(4 * layout.n))
+    j = 0
+    for c in range(layout.chunks):
+        hi, lo = levels[2 * c], levels[2 * c + 1]
+        kept, length, base = layout.kept(c), layout.length(c), c * layout.chunk
+        high = sparseloco_ranks(kept)[0]
+        if not (math.isfinite(hi) and hi >= lo >= 0) or (high == 0 and hi != lo):
+            raise CodecError(f"sparseloco chunk {c} has levels ({hi}, {lo}); they are finite, hi >= lo >= 0, "
+                             f"and equal when no value is high")
+        previous, highs = -1, 0
+        for offset, code in zip(offsets[j : j + kept], codes[j : j + kept]):
+            if offset >= length or offset <= previous:
+                raise CodecError(f"sparseloco chunk {c} has offset {offset}: out of range [0, {length}) or not "
+                                 f"strictly ascending")
+            previous = offset
+            highs += code >> 1
+            level = hi if code & 2 else lo
+            out[base + offset] = -level if code & 1 else level
+        if highs != high:
+            raise CodecError(f"sparseloco chunk {c} marks {highs} values high; its {kept} values have {high}")
+        j += kept
+    return out
+
+
 def encode(spec: CodecSpec, values) -> bytes:
     """Encode float32 values (any sequence of floats, array('f') or float32 memoryview) into wire bytes.
 
@@ -360,6 +536,8 @@ def _encode_raw(spec: CodecSpec, a: array) -> bytes:
     if spec.name == "topk":
         indices = _topk_indices(a, topk_count(spec, n))
         return struct.pack("<I", len(indices)) + _le(array("I", indices)) + _le(array("f", (a[i] for i in indices)))
+    if spec.name == "sparseloco":
+        return _sparseloco_encode(a, sparseloco_layout(spec, n))
     raise CodecError(f"unknown codec {spec.name!r}; known: {', '.join(CODECS)}")
 
 
@@ -415,6 +593,8 @@ def _decode_raw(spec: CodecSpec, data: bytes, n: int) -> array:
         for index, value in zip(indices, _from_le("f", data[4 + 4 * k :])):
             out[index] = value
         return out
+    if spec.name == "sparseloco":
+        return _sparseloco_decode(data, sparseloco_layout(spec, n))
     raise CodecError(f"unknown codec {spec.name!r}")
 
 

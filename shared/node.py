@@ -23,19 +23,19 @@ from shared import compress
 from shared.agent import RoundPlanner
 from shared.batches import ScheduleError, batch_seed, batch_starts, tokens_allowed
 from shared.identity import signing_bytes
-from shared.manifest import Manifest, ManifestError, assemble, sha256_hex
+from shared.manifest import Manifest, ManifestError, assemble, cut, sha256_hex
 from shared.model import GPTConfig, num_parameters
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
+from shared.swarm import Swarm, seeded
 from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest, PathSelect,
-                         PayloadHeader, Receipt, RoundClosed, RoundOpen, Sdp, Update, UpdateResult, Welcome,
-                         WireError, decode_message, payload_frames)
+                         PayloadHeader, Receipt, RoundClosed, RoundOpen, RoundStats, Sdp, Update, UpdateResult,
+                         Welcome, WireError, decode_message, payload_frames)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport "auto")
 RESULT_TIMEOUT_S = 120.0
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
-BLOB_FETCHES = 4  # chunks in flight at once
 # above this, a node that applies deltas value by value in Python (the browser, today) fetches snapshots instead:
 # about a second per million values in Pyodide, while a snapshot comes over HTTP in well under that
 DELTA_STDLIB_MAX_BYTES = 4 * 4_000_000
@@ -111,6 +111,7 @@ class NodePort:
 
     kind = "trainer"  # or "browser": what the coordinator shows
     agent = ""  # software and device, shown on the dashboard
+    blob_url = ""  # where this node serves its held blobs over HTTP (Swarm.serve_direct), told in its Hello; "" if not
     transient: tuple[type[BaseException], ...] = (OSError,)
 
     # identity
@@ -154,13 +155,46 @@ class NodePort:
         raise NotImplementedError
 
     async def fetch_blob(self, name: str) -> bytes | None:
-        """A chunk or manifest by its sha256 from wherever this node reaches blobs (the coordinator's
-        /api/blobs); None when it cannot. The node checks every byte against the name."""
+        """A chunk or manifest by its sha256 from the coordinator's /api/blobs (or whatever serves them for it);
+        None when it cannot. The node checks every byte against the name."""
+        return None
+
+    # peer links (shared/swarm.py): a data channel to another node, opened through the signaling relay. Frames that
+    # arrive go to node.peer_frame(peer, frame); the port calls node.peer_opened(peer) when the channel opens and
+    # node.peer_lost(peer, reason) when it closes.
+    async def peer_offer(self, peer: str) -> str | None:
+        """An offer for a data channel to `peer`; None when this node opens no peer links."""
+        return None
+
+    async def peer_answer(self, peer: str, offer: str) -> str | None:
+        """Take `peer`'s offer; the answer, or None when this node takes no peer links."""
+        return None
+
+    async def peer_accept(self, peer: str, answer: str) -> None:
+        """Apply `peer`'s answer to our offer."""
+
+    async def peer_send(self, peer: str, frame: str | bytes) -> None:
+        """One frame to `peer`, waiting while its send buffer is full; raises when the link is gone."""
+        raise NotImplementedError
+
+    async def peer_close(self, peer: str) -> None:
+        """Close the link to `peer`, opened or not."""
+
+    async def peer_fetch(self, url: str, name: str) -> bytes | None:
+        """Blob `name` straight from a peer's blob URL (RoundOpen.peer_urls: `http://HOST:PORT`, from another node,
+        so untrusted): GET {url}/blobs/{name}, with a bounded read and a short timeout. None when this node has no
+        direct path to peers (this default; the blob then comes over the data channel) or the peer does not hold
+        it; raises when the URL cannot be reached or does not answer as a blob server. The swarm checks the bytes."""
         return None
 
     def load_model(self, model_hash: str, data: bytes) -> Any:
         """The global model's little-endian float32 bytes, as this node keeps them."""
         return data
+
+    def applies_delta(self, model: Any) -> bool:
+        """Whether apply_delta can update this model (asked before the delta is fetched): this default can up to
+        DELTA_STDLIB_MAX_BYTES; a node that cannot fetches the snapshot instead."""
+        return isinstance(model, bytes) and len(model) <= DELTA_STDLIB_MAX_BYTES
 
     def apply_delta(self, model: Any, codec: compress.CodecSpec, data: bytes) -> tuple[Any, bytes] | None:
         """The model held plus an encoded delta's decoded values, in float32: (the new model as this node keeps
@@ -185,7 +219,9 @@ class NodePort:
 
     def report(self, event: str, **fields: Any) -> None:
         """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "delta",
-        "blobs" or "link"), "uploaded", "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
+        "blobs" or "link", its hash, and the bytes that came from peers and from the coordinator; for blobs, also
+        from_peers_direct: of the bytes from peers, those fetched from their blob URLs), "uploaded",
+        "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
 
 
 class Node:
@@ -203,6 +239,7 @@ class Node:
         self.cfg: GPTConfig | None = None
         self.model: Any = None  # the global model as port.load_model keeps it
         self.model_hash: str | None = None
+        self.swarm = Swarm(node_id, port, port.report)
         self.shards: dict[int, Any] = {}
         self.rounds_done = self.accepted = self.rejected = self.skipped = 0
         self.balance: int | None = None  # micro-credits, from the newest verified receipt
@@ -211,6 +248,8 @@ class Node:
         self.stopped = False
         self._welcomed = False
         self._transfer_id = 0
+        self._trained: tuple[int, float, float] | None = None  # the last round trained: (round, assigned at, seconds)
+        self._snapshot_manifest: asyncio.Task | None = None  # fetching the round's, while its delta comes
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._answer: asyncio.Future | None = None
         self._receivers: dict[str, FrameReceiver] = {}
@@ -231,13 +270,24 @@ class Node:
             self._inbox.put_nowait(Disconnected(f"bad frame from the coordinator on the {source} path: {e}"))
             return
         if isinstance(item, Sdp):
-            if self._answer is not None and not self._answer.done() and item.sdp_type == "answer":
+            if item.src != self.coordinator_id:
+                self.swarm.spawn(self.swarm.on_signal(item))
+            elif self._answer is not None and not self._answer.done() and item.sdp_type == "answer":
                 self._answer.set_result(item)
         elif item is not None and not isinstance(item, IceCandidate):
             self._inbox.put_nowait(item)
 
     def lost(self, source: str, reason: str) -> None:
         self._inbox.put_nowait(Disconnected(f"{source} closed: {reason}"))
+
+    def peer_opened(self, peer: str) -> None:
+        self.swarm.opened(peer)
+
+    def peer_frame(self, peer: str, frame: str | bytes) -> None:
+        self.swarm.frame(peer, frame)
+
+    def peer_lost(self, peer: str, reason: str) -> None:
+        self.swarm.lost(peer, reason)
 
     def stop(self) -> None:
         """Leave cleanly at the next opportunity: a goodbye to the coordinator, then the links close."""
@@ -269,6 +319,7 @@ class Node:
                 self.port.report("state", state="reconnecting",
                                  message=f"{e or type(e).__name__}; reconnecting in {delay:.1f}s")
             finally:
+                await self.swarm.close()
                 await self.port.close()
             await self._sleep_unless_stopped(delay)
             if self.stopped:
@@ -317,7 +368,8 @@ class Node:
         if not isinstance(challenge, Challenge):
             raise Disconnected(f"expected a challenge from the coordinator, got {challenge.TYPE}")
         self.coordinator_id = challenge.coordinator_id
-        hello = Hello(self.node_id, self.port.kind, challenge.nonce, "0" * 128, agent=self.port.agent[:200])
+        hello = Hello(self.node_id, self.port.kind, challenge.nonce, "0" * 128, agent=self.port.agent[:200],
+                      blob_url=self.port.blob_url)
         hello = dataclasses.replace(hello, signature=await self.port.sign(signing_bytes("hello",
                                                                                      hello.signing_fields())))
         await self.port.send_signal(hello.encode())
@@ -391,7 +443,8 @@ class Node:
                     raise Refused(f"the coordinator refused this node: [{item.code}] {item.message}")
                 before = "" if self._welcomed else "the coordinator cannot take this node now: "
                 raise Disconnected(f"{before}[{item.code}] {item.message}")  # a join-rate limit, say: it passes
-            self.port.report("notice", message=f"coordinator: [{item.code}] {item.message}")
+            if item.code != "no_peer":  # a peer we dialed left meanwhile: its link times out, nothing to do
+                self.port.report("notice", message=f"coordinator: [{item.code}] {item.message}")
         elif isinstance(item, RoundClosed):
             self.port.report("round_closed", round=item.round, val_loss=item.val_loss, accepted=item.accepted,
                              rejected=item.rejected, balance=self.balance)
@@ -443,15 +496,23 @@ class Node:
         # shown as round N, the one whose commit completes N rounds (as the status and dashboard count them)
         self.port.report("round", round=assignment.round + 1, steps=steps, batch=batch, shard=assignment.shard,
                          plan=self.planner.note)
+        await self.swarm.advise(assignment.peers, assignment.peer_urls)
         newer = await self._fetch_model(assignment)
         if self.model_hash != assignment.model_hash:
             return newer
+        compute = wall = 0.0
+        if self._trained is not None and self._trained[0] == assignment.round - 1:  # the round before, from its
+            compute, wall = self._trained[2], received - self._trained[1]  # assignment to this one's
+        await self._send(RoundStats(assignment.round, len(self.swarm.open_peers), self.swarm.bytes_from_peers,
+                                    self.swarm.bytes_from_coordinator, self.swarm.bytes_to_peers, compute,
+                                    wall).encode())
         work = await self._work(assignment, steps, batch)
         await self.port.before_training(self, work)
         self.phase = Phase.TRAINING
         started = time.time()
         losses = await self.port.train(self, work)
         seconds = time.time() - started
+        self._trained = (assignment.round, received, seconds)
         try:
             if not all(math.isfinite(x) for x in losses):  # a handful of floats, not tensor data
                 raise compress.CodecError("the loss is not finite")
@@ -481,8 +542,10 @@ class Node:
                 header, data = item
                 if header.sha256 != assignment.model_hash:  # the receiver already checked data against it
                     raise Disconnected("the model payload does not match the signed hash")
-                self.model, self.model_hash = self.port.load_model(header.sha256, data), header.sha256
-                self.port.report("model", round=assignment.round + 1, source="link", bytes=len(data), chunks=0)
+                self.swarm.bytes_from_coordinator += len(data)
+                self._hold_model(assignment, self.port.load_model(header.sha256, data), data)
+                self.port.report("model", round=assignment.round + 1, source="link", bytes=len(data), chunks=0,
+                                 hash=self.model_hash, from_peers=0, from_coordinator=len(data))
                 return newer
             if isinstance(item, UpdateResult) and not item.accepted:
                 self.port.report("notice", message=f"model request refused: {item.reason}")
@@ -494,7 +557,17 @@ class Node:
         """Hold the round's model from blobs: the delta from the model held, when there is one, else the snapshot.
         False when this node cannot fetch blobs, or a piece is missing or does not check out (then it asks for
         the model over its link)."""
-        if assignment.delta and self.model_hash is not None:
+        swarm = self.swarm
+        before = swarm.bytes_from_peers, swarm.bytes_from_coordinator, swarm.bytes_from_peers_direct
+
+        def sources() -> dict:
+            return {"from_peers": swarm.bytes_from_peers - before[0],
+                    "from_coordinator": swarm.bytes_from_coordinator - before[1],
+                    "from_peers_direct": swarm.bytes_from_peers_direct - before[2]}
+
+        if assignment.delta and self.model_hash is not None and self.port.applies_delta(self.model):
+            if assignment.manifest:  # the snapshot's manifest meanwhile, so that newcomers can have it from here
+                self._snapshot_manifest = self.swarm.spawn(self._fetch_snapshot_manifest(assignment))
             got = await self._blob(assignment, assignment.delta, "delta", self.model_hash)
             if got is not None:
                 manifest, payload = got
@@ -505,9 +578,9 @@ class Node:
                     self.port.report("notice", message=f"round {assignment.round + 1}: the delta does not decode "
                                                        f"({e}); fetching the snapshot instead")
                 if applied is not None and sha256_hex(applied[1]) == assignment.model_hash:
-                    self.model, self.model_hash = applied[0], assignment.model_hash
+                    self._hold_model(assignment, applied[0], applied[1])
                     self.port.report("model", round=assignment.round + 1, source="delta", bytes=len(payload),
-                                     chunks=len(manifest.chunks))
+                                     chunks=len(manifest.chunks), hash=self.model_hash, **sources())
                     return True
                 if applied is not None:
                     self.port.report("notice", message=f"round {assignment.round + 1}: the delta did not make the "
@@ -516,33 +589,73 @@ class Node:
         if got is None:
             return False
         manifest, data = got
-        self.model, self.model_hash = self.port.load_model(assignment.model_hash, data), assignment.model_hash
+        self._hold_model(assignment, self.port.load_model(assignment.model_hash, data), data, manifest)
         self.port.report("model", round=assignment.round + 1, source="blobs", bytes=len(data),
-                         chunks=len(manifest.chunks))
+                         chunks=len(manifest.chunks), hash=self.model_hash, **sources())
         return True
+
+    def _hold_model(self, assignment: RoundOpen, model: Any, data: bytes, manifest: Manifest | None = None) -> None:
+        """The round's model is held: as the port keeps it, and its bytes, whose snapshot chunks peers may ask for
+        (views into `data`, so that they cost no second copy). Without the snapshot's manifest at hand, it is
+        fetched in the background."""
+        self.model, self.model_hash = model, assignment.model_hash
+        if manifest is not None:
+            self.swarm.hold(assignment.model_hash, dict(zip(manifest.chunks, cut(data))))
+        elif assignment.manifest:
+            self.swarm.spawn(self._serve_snapshot(assignment, data))
+
+    async def _fetch_snapshot_manifest(self, assignment: RoundOpen) -> Manifest | None:
+        """The signed manifest of the round's snapshot, checked; None when it cannot be had or does not check out."""
+        got = await self.swarm.fetch(assignment.model_hash, [assignment.manifest], self._seeded(assignment, True),
+                                     self.port.fetch_blob)
+        if got is None:
+            return None
+        try:
+            manifest = Manifest.from_bytes(got[assignment.manifest], assignment.manifest)
+            if (manifest.kind, manifest.result_hash) != ("snapshot", assignment.model_hash):
+                raise ManifestError("it is not the manifest of the round's model")
+            if not await self.port.verify(self.coordinator_id, manifest.signing_bytes(), manifest.signature):
+                raise ManifestError("the manifest's signature is not the coordinator's")
+        except ManifestError as e:
+            self.port.report("notice", message=f"round {assignment.round + 1}: not serving the model to peers: {e}")
+            return None
+        return manifest
+
+    async def _serve_snapshot(self, assignment: RoundOpen, data: bytes) -> None:
+        """Hold the snapshot chunks of a model that came as a delta or over the link: its signed manifest names them,
+        and they are slices of the model's bytes (whose hash the node checked), so nothing is hashed again."""
+        task, self._snapshot_manifest = self._snapshot_manifest, None
+        manifest = await (task if task is not None else self._fetch_snapshot_manifest(assignment))
+        if (manifest is not None and (manifest.result_hash, manifest.size) == (assignment.model_hash, len(data))
+                and self.model_hash == assignment.model_hash):  # (a task left from another round is no use)
+            self.swarm.hold(assignment.model_hash, dict(zip(manifest.chunks, cut(data))))
+
+    @staticmethod
+    def _seeded(assignment: RoundOpen, manifest: bool = False):
+        """Which of a manifest's chunks (or, for `manifest`, the manifest itself) this node fetches from the
+        coordinator at once: its seed share (RoundOpen.seed_slot)."""
+        if manifest:
+            return lambda i: assignment.seed_slot == 0
+        return lambda i: seeded(i, assignment.seed_slot, assignment.seed_slots)
 
     async def _blob(self, assignment: RoundOpen, name: str, kind: str, base: str) -> tuple[Manifest, bytes] | None:
         """The manifest `name` of the round's model (of `kind`, from model `base`) and its checked chunks, joined;
-        None when it is not that, or cannot be had."""
-        raw = await self.port.fetch_blob(name)
-        if raw is None:
+        None when it is not that, or cannot be had. Blobs come from peers first (shared/swarm.py)."""
+        got = await self.swarm.fetch(assignment.model_hash, [name], self._seeded(assignment, True),
+                                     self.port.fetch_blob)
+        if got is None:
             return None
         try:
-            manifest = Manifest.from_bytes(raw, name)
+            manifest = Manifest.from_bytes(got[name], name)
             if (manifest.kind, manifest.base_hash, manifest.result_hash) != (kind, base, assignment.model_hash):
                 return None  # a delta from another model than the one held: the snapshot serves
             if not await self.port.verify(self.coordinator_id, manifest.signing_bytes(), manifest.signature):
                 raise ManifestError("the manifest's signature is not the coordinator's")
-            slots = asyncio.Semaphore(BLOB_FETCHES)
-
-            async def fetch(chunk: str) -> bytes | None:
-                async with slots:
-                    return await self.port.fetch_blob(chunk)
-
-            chunks = await asyncio.gather(*(fetch(chunk) for chunk in manifest.chunks))
-            if any(chunk is None for chunk in chunks):
+            chunks = await self.swarm.fetch(assignment.model_hash, list(manifest.chunks), self._seeded(assignment),
+                                            self.port.fetch_blob)
+            if chunks is None:
                 return None
-            return manifest, assemble(manifest, chunks)
+            return manifest, assemble(manifest, [chunks[c] for c in manifest.chunks], checked=True)
         except ManifestError as e:
             self.port.report("notice", message=f"round {assignment.round + 1}: the model's {kind} blobs do not check "
                                                f"out ({e}); getting the model another way")

@@ -36,7 +36,12 @@ MAX_STRING = 4_096  # default limit for a string field; SDP has its own
 MAX_SDP = 60_000
 MAX_CONTROL_RATE = 50.0  # control messages per second a peer may send on one link, on average ...
 MAX_CONTROL_BURST = 200  # ... and at once (a round needs a handful; this only stops floods)
+MAX_PEERS = 64  # peer links the tracker may advise in one RoundOpen
+MAX_HAVE_NAMES = 900  # blob names in one Have: 64 hex and quotes each, well inside MAX_CONTROL_BYTES
 MAX_JSON_DEPTH = 32  # nested arrays and objects; our deepest message needs 4, and json.loads recurses per level
+MAX_BLOB_URL = 128  # a node's direct blob server (Hello.blob_url): http://HOST:PORT, nothing else
+# a name (or IPv4 address) or a bracketed IPv6 address, and a port; no user, path, query or fragment
+_BLOB_URL = re.compile(r"http://(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
 
 
 class WireError(ValueError):
@@ -113,6 +118,16 @@ def _hex(value: str, length: int, name: str) -> None:
     _need(len(value) == length and all(c in "0123456789abcdef" for c in value), f"{name} must be {length} hex chars")
 
 
+def check_blob_url(url: str, name: str = "blob_url") -> None:
+    """Raise FieldError unless `url` is where a node serves its blobs directly: `http://HOST:PORT` (HOST a name, an
+    IPv4 address or a bracketed IPv6 address; PORT 1-65535), at most MAX_BLOB_URL characters. It comes from another
+    node, so nothing else is allowed in it: no https (the blobs are checked by hash, not by the channel), no user, no
+    path, no query."""
+    match = _BLOB_URL.fullmatch(url) if isinstance(url, str) and len(url) <= MAX_BLOB_URL else None
+    _need(match is not None and 0 < int(match[1]) < 65536,
+          f"{name} must be http://HOST:PORT, at most {MAX_BLOB_URL} characters")
+
+
 # -- signaling (the WebSocket) ---------------------------------------------------------------------------
 
 
@@ -140,6 +155,9 @@ class Hello(Message):
     nonce: str
     signature: str
     agent: str = ""  # free text: software and device, shown on the dashboard
+    # where this node serves the blobs it holds over plain HTTP (GET /blobs/{sha256}; a trainer's --listen), for the
+    # peers the tracker links it to; "" when it serves them only over its peer links
+    blob_url: str = ""
 
     def check(self):
         _hex(self.node_id, 64, "node_id")
@@ -147,6 +165,8 @@ class Hello(Message):
         _hex(self.nonce, 64, "nonce")
         _hex(self.signature, 128, "signature")
         _need(len(self.agent) <= 200, "agent must be at most 200 characters")
+        if self.blob_url:
+            check_blob_url(self.blob_url)
 
     def signing_fields(self) -> dict:
         return {"node_id": self.node_id, "kind": self.kind, "nonce": self.nonce}
@@ -242,6 +262,15 @@ class RoundOpen(Message):
     # "" when the model is only sent in-band (ModelRequest)
     manifest: str = ""
     delta: str = ""  # the name of the signed manifest of the delta from the previous round's model to this one
+    # the tracker's advice (server/coordinator/tracker.py): the node ids this node opens peer links to, and its seed
+    # share: it fetches chunk i of a manifest from the coordinator at once when i % seed_slots == seed_slot, and any
+    # other chunk from its peers first (the coordinator serves last). No peers and one slot is the star.
+    peers: list = field(default_factory=list)
+    seed_slot: int = 0
+    seed_slots: int = 1
+    # node id -> blob_url (Hello), for the peers this node links to (either way) that serve their blobs over HTTP:
+    # a node that can fetches their blobs from there instead of over the data channel; browsers ignore it
+    peer_urls: dict = field(default_factory=dict)
 
     def check(self):
         _need(self.round >= 0 and self.shard >= 0, "round and shard must be non-negative")
@@ -250,6 +279,15 @@ class RoundOpen(Message):
         for name in ("manifest", "delta"):
             if getattr(self, name):
                 _hex(getattr(self, name), 64, name)
+        _need(len(self.peers) <= MAX_PEERS, f"at most {MAX_PEERS} peers")
+        for peer in self.peers:
+            _need(isinstance(peer, str), "peers must be node ids")
+            _hex(peer, 64, "peers[]")
+        _need(0 <= self.seed_slot < self.seed_slots, "seed_slot must be in [0, seed_slots)")
+        _need(len(self.peer_urls) <= MAX_PEERS, f"at most {MAX_PEERS} peer_urls")
+        for peer, url in self.peer_urls.items():
+            _hex(peer, 64, "peer_urls key")
+            check_blob_url(url, "peer_urls[]")
 
 
 @message("model_request")
@@ -263,7 +301,7 @@ class ModelRequest(Message):
         _hex(self.model_hash, 64, "model_hash")
 
 
-PAYLOAD_KINDS = ("model", "update")
+PAYLOAD_KINDS = ("model", "update", "blob")  # a blob: a chunk or manifest, sent by a peer that holds it
 
 
 @message("payload")
@@ -360,6 +398,64 @@ class Bye(Message):
     reason: str = ""
 
 
+@message("round_stats")
+class RoundStats(Message):
+    """Node -> coordinator, once its round's model is held: how it got its models so far (cumulative bytes since the
+    node started) and how busy it was in the round before this one (compute_seconds training, of wall_seconds from
+    that round's assignment to this one's; both 0 when it did not train the round before), for /api/status.
+    Self-reported: shown, never paid for."""
+
+    round: int
+    peers: int  # open peer links
+    bytes_from_peers: int
+    bytes_from_coordinator: int
+    bytes_to_peers: int
+    compute_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def check(self):
+        _need(min(self.round, self.peers, self.bytes_from_peers, self.bytes_from_coordinator,
+                  self.bytes_to_peers) >= 0, "counts must be non-negative")
+        _need(0.0 <= self.compute_seconds <= max(self.wall_seconds, 0.0) + 1.0, "compute_seconds must lie in "
+              "[0, wall_seconds]")
+
+
+# -- between two nodes (a peer link: shared/swarm.py) ------------------------------------------------------
+
+
+@message("have")
+class Have(Message):
+    """Node -> peer: blobs (chunks and manifests, by sha256) this node now holds and serves."""
+
+    names: list
+
+    def check(self):
+        _need(0 < len(self.names) <= MAX_HAVE_NAMES, f"have lists 1 to {MAX_HAVE_NAMES} names")
+        for name in self.names:
+            _need(isinstance(name, str), "names must be strings")
+            _hex(name, 64, "names[]")
+
+
+@message("want")
+class Want(Message):
+    """Node -> peer: send me this blob. The answer is a "blob" payload whose sha256 is `name`, or Missing."""
+
+    name: str
+
+    def check(self):
+        _hex(self.name, 64, "name")
+
+
+@message("missing")
+class Missing(Message):
+    """Node -> peer: I do not hold this blob (any more)."""
+
+    name: str
+
+    def check(self):
+        _hex(self.name, 64, "name")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Decoding control messages
 
@@ -379,6 +475,8 @@ def _check_type(value: object, hint: object, name: str) -> object:
         _need(len(value) <= max(MAX_STRING, MAX_SDP if name == "sdp.sdp" else 0), f"{name} too long")
     elif hint is dict:
         _need(isinstance(value, dict), f"{name} must be an object")
+    elif hint is list:
+        _need(isinstance(value, list), f"{name} must be an array")
     else:  # pragma: no cover - a message declared a type this decoder does not know
         raise TypeError(f"unsupported field type {hint!r} for {name}")
     return value

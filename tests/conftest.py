@@ -145,12 +145,16 @@ def processes(tmp_path, request):
             return c
 
         def trainer(self, coordinator_url: str, *extra: str, progress: bool = False,
-                    min_step_seconds: float = 0.0, env: dict | None = None) -> Process:
+                    min_step_seconds: float = 0.0, env: dict | None = None, program: str | None = None) -> Process:
             """A `python -m server trainer`. progress keeps its per-round lines (loss, H, balance) in its log;
             min_step_seconds makes every optimizer step of this process take at least that long (a sleep before
-            each step), so that a test can have a slow node by construction, on a machine of any speed."""
+            each step), so that a test can have a slow node by construction, on a machine of any speed. `program`
+            runs the trainer through a `python -c` program instead (one that changes a behaviour, then calls
+            server.cli.main), for a hostile node."""
             args = ["trainer", "--coordinator", coordinator_url, *([] if progress else ["--no-progress"]), *extra]
-            if min_step_seconds > 0:
+            if program is not None:
+                args = ["-c", program, *args]
+            elif min_step_seconds > 0:
                 args = ["-c", SLOW_STEPS.format(seconds=float(min_step_seconds)), *args]
             else:
                 args = ["-m", "server", *args]

@@ -24,8 +24,9 @@ from shared.batches import batch_starts
 from shared.model import GPTConfig, num_parameters
 from shared.node import Work
 from shared.rewards import Ledger, RewardTerms
-from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, ModelRequest, PathSelect, Receipt, RoundClosed,
-                         RoundOpen, Sdp, Update, UpdateResult, Welcome, decode_message, payload_frames)
+from shared.wire import (Bye, Challenge, Error, FrameReceiver, Have, Hello, Missing, ModelRequest, PathSelect, Receipt,
+                         RoundClosed, RoundOpen, Sdp, RoundStats, Update, UpdateResult, Want, Welcome, decode_message,
+                         payload_frames)
 
 NODE = "ab" * 32
 COORDINATOR = "cd" * 32
@@ -208,6 +209,8 @@ class FakeBridge:
         self.model = array("f", [0.5] * N).tobytes()
         self.receiver = FrameReceiver(1 << 20)
         self.ledger = Ledger()
+        self.peers: list[str] = []  # the tracker's advice in the round's assignment: nodes to dial
+        self.seed_slot, self.seed_slots = 0, 1
 
     def deliver(self, message) -> None:
         source = "webrtc" if self.paths[-1:] == ["webrtc"] else "websocket"
@@ -222,8 +225,13 @@ class FakeBridge:
         self.signals.append(msg)
         if isinstance(msg, Hello):
             self.deliver(Welcome(msg.node_id, COORDINATOR, JOB, 0))
-        elif isinstance(msg, Sdp):
+        elif isinstance(msg, Sdp) and msg.dst == COORDINATOR:
             self.node.on_frame("websocket", Sdp(COORDINATOR, NODE, "answer", "v=0 answer").encode())
+        elif isinstance(msg, Sdp):
+            self.relay(msg)
+
+    def relay(self, msg: Sdp) -> None:
+        """An offer or answer for another node, which the coordinator relays: no other node here."""
 
     async def createOffer(self):
         return "v=0 offer"
@@ -250,6 +258,7 @@ class FakeBridge:
             for chunk in chunks:
                 self.deliver(chunk)
         elif isinstance(item, tuple) and item[0].kind == "update":
+            await self.before_verdict()
             for message in self.after_update():
                 self.deliver(message)
 
@@ -260,6 +269,9 @@ class FakeBridge:
     def delta(self) -> str:
         """The name of the manifest of the delta that made the model: none here."""
         return ""
+
+    async def before_verdict(self) -> None:
+        """Called when the update has arrived, before the verdict goes out."""
 
     def after_update(self) -> list:
         """What the coordinator sends once the update arrived: verdict, close, receipt, goodbye."""
@@ -286,7 +298,7 @@ class FakeBridge:
             config = {"inner_steps": STEPS, "batch": BATCH, "seq_len": SEQ, "lr": 1e-3, "weight_decay": 0.0,
                       "codec": spec(self.codec).to_dict(), "deadline_seconds": 60.0}
             self.deliver(RoundOpen(0, model_hash, SIGNATURE, config, 0, time.time() + 60, self.manifest(),
-                                   self.delta()))
+                                   self.delta(), list(self.peers), self.seed_slot, self.seed_slots))
         elif self.reports[-1]["event"] == "notice" and "not finite" in self.reports[-1]["message"]:
             self.deliver(Bye("the job has finished"))
 
@@ -434,7 +446,7 @@ def test_a_chunk_that_does_not_match_its_name_is_dropped_and_the_model_comes_ove
     assert session(bridge).startswith("finished")
     assert any(isinstance(m, ModelRequest) for m in bridge.received)
     (notice,) = bridge.events("notice")
-    assert "do not check out" in notice["message"]
+    assert "does not match its hash" in notice["message"]
     assert [m["source"] for m in bridge.events("model")] == ["link"]
 
 
@@ -478,3 +490,158 @@ def test_a_current_page_applies_only_the_delta_and_one_further_behind_catches_up
     (model,) = behind.events("model")
     assert (model["source"], model["bytes"]) == ("blobs", len(behind.model))
     assert not behind.events("notice") and not any(isinstance(m, ModelRequest) for m in behind.received)
+
+
+# -- peer links, as browser/peers.js carries them ------------------------------------------------------------
+
+PEER = "12" * 32
+
+
+class PeerBridge(BlobBridge):
+    """BlobBridge plus another node, PEER, which the round's assignment names as a peer to dial, behind node.js's
+    peer hooks (peerOffer, peerAnswer, peerAccept, peerSend, peerClose): the page's offer is relayed to PEER, PEER
+    answers, the link opens, and PEER trades blobs over it with shared.wire's messages. PEER serves what it holds
+    (`peer_holds`: name -> bytes; `corrupt` names one it serves with a flipped byte under its true header) and asks
+    for every blob the page announces that it does not hold, checking what comes against its name."""
+
+    def __init__(self, seed_slot: int, seed_slots: int):
+        super().__init__()
+        self.peers, self.seed_slot, self.seed_slots = [PEER], seed_slot, seed_slots
+        self.peer_holds: dict[str, bytes] = {}
+        self.corrupt = ""
+        self.calls: list[tuple] = []  # the peer hooks the page's node called, in order
+        self.peer_receiver = FrameReceiver(1 << 20)
+        self.peer_got: dict[str, bytes] = {}  # blobs PEER received from the page, checked against their names
+        self.fetched: list[str] = []  # what the page fetched from the coordinator's /api/blobs
+
+    def model_blobs(self) -> dict[str, bytes]:
+        return {name: self.blobs.get(name) for name in [self.published.sha256, *self.published.chunks]}
+
+    def relay(self, msg: Sdp) -> None:
+        assert (msg.src, msg.dst, msg.sdp_type, msg.sdp) == (NODE, PEER, "offer", f"v=0 offer to {PEER}")
+        self.node.on_frame("websocket", Sdp(PEER, NODE, "answer", "v=0 answer from the peer").encode())
+
+    async def peerOffer(self, peer):
+        self.calls.append(("offer", peer))
+        return f"v=0 offer to {peer}"
+
+    async def peerAnswer(self, peer, offer):
+        raise AssertionError("PEER never dials: the page does, as the tracker advised")
+
+    async def peerAccept(self, peer, answer):
+        self.calls.append(("accept", peer, answer))
+        asyncio.get_running_loop().call_soon(self.link_opened)  # as the channel's open event comes later
+
+    def link_opened(self) -> None:
+        self.node.on_peer_open(PEER)
+        if self.peer_holds:
+            self.from_peer(Have(list(self.peer_holds)).encode())
+
+    def from_peer(self, frame) -> None:
+        self.node.on_peer_frame(PEER, frame)
+
+    async def peerSend(self, peer, data):
+        assert peer == PEER and ("close", PEER) not in self.calls
+        item = self.peer_receiver.feed(data)
+        if isinstance(item, Want):
+            data = self.peer_holds.get(item.name)
+            if data is None:
+                self.from_peer(Missing(item.name).encode())
+                return
+            header, chunks = payload_frames(0, "blob", data)
+            self.from_peer(header.encode())
+            for chunk in chunks:
+                self.from_peer(chunk[:-1] + bytes([chunk[-1] ^ 1]) if item.name == self.corrupt else chunk)
+        elif isinstance(item, Have):
+            for name in item.names:
+                if name not in self.peer_holds and name not in self.peer_got:
+                    self.from_peer(Want(name).encode())
+        elif isinstance(item, tuple):
+            header, data = item  # the receiver checked data against header.sha256
+            self.peer_got[header.sha256] = data
+
+    def peerClose(self, peer):
+        self.calls.append(("close", peer))
+
+    async def fetchBytes(self, path):
+        self.fetched.append(path)
+        return await super().fetchBytes(path)
+
+
+def peer_session(bridge: PeerBridge) -> str:
+    """A session whose node waits as long as it takes for a peer to offer what is not in its seed share, so that
+    nothing here depends on speed: what comes from the coordinator is what the seed share or a failed peer sends
+    there."""
+    FakeTrainer.gradients = [[0.25] * N]
+    node = BrowserNode(bridge, NODE, "adapter", "device", "browser: test", "auto")
+    node.node.swarm.wait_s = 3600.0
+    bridge.node = node
+    return asyncio.run(asyncio.wait_for(node.run(), 30))
+
+
+def test_the_page_dials_its_advised_peer_and_fetches_the_model_from_it():
+    bridge = PeerBridge(seed_slot=1, seed_slots=2)  # neither the manifest nor the one chunk is the page's to seed
+    bridge.peer_holds = bridge.model_blobs()
+    assert peer_session(bridge).startswith("finished")
+
+    assert bridge.calls[:2] == [("offer", PEER), ("accept", PEER, "v=0 answer from the peer")]
+    assert not [path for path in bridge.fetched if path.startswith("/api/blobs/")]
+    manifest = bridge.blobs.get(bridge.published.sha256)
+    (model,) = bridge.events("model")
+    assert (model["source"], model["hash"]) == ("blobs", hashlib.sha256(bridge.model).hexdigest())
+    assert (model["from_peers"], model["from_coordinator"]) == (len(manifest) + len(bridge.model), 0)
+    # the bytes that came over the peer link are the model the page trained on and the update says it trained on
+    assert bridge.node.port.trainer.loaded == [bridge.model]
+    update = next(m for m in bridge.received if isinstance(m, Update))
+    assert update.model_hash == hashlib.sha256(bridge.model).hexdigest()
+    (traffic,) = [m for m in bridge.received if isinstance(m, RoundStats)]
+    assert (traffic.peers, traffic.bytes_from_peers, traffic.bytes_from_coordinator) == (1, model["from_peers"], 0)
+    # the page heard of the link opening, and of it closing when the node left
+    assert [r["open"] for r in bridge.events("peers")] == [1, 0]
+    assert bridge.calls[-1] == ("close", PEER)
+
+
+def test_a_peer_whose_blob_does_not_match_its_hash_is_banned_and_the_chunk_comes_from_the_coordinator():
+    bridge = PeerBridge(seed_slot=1, seed_slots=2)
+    bridge.peer_holds = bridge.model_blobs()
+    (chunk,) = bridge.published.chunks
+    bridge.corrupt = chunk
+    assert peer_session(bridge).startswith("finished")
+
+    (notice,) = bridge.events("notice")
+    assert "does not match its hash" in notice["message"] and PEER[:12] in notice["message"]
+    assert ("close", PEER) in bridge.calls
+    assert bridge.node.node.swarm.banned == {PEER}
+    assert [p for p in bridge.fetched if p.startswith("/api/blobs/")] == [f"/api/blobs/{chunk}"]
+    (model,) = bridge.events("model")
+    manifest = bridge.blobs.get(bridge.published.sha256)
+    assert (model["from_peers"], model["from_coordinator"]) == (len(manifest), len(bridge.model))
+    assert bridge.node.port.trainer.loaded == [bridge.model]  # the true bytes, not the peer's
+    assert [r["open"] for r in bridge.events("peers")] == [1, 0]
+
+
+class ServedPeerBridge(PeerBridge):
+    """PEER holds nothing; the coordinator gives its verdict only once PEER has the model's blobs from the page."""
+
+    def __init__(self):
+        super().__init__(seed_slot=0, seed_slots=1)  # the page seeds every chunk: from the coordinator at once
+        self.peer_has_all = asyncio.Event()
+
+    async def peerSend(self, peer, data):
+        await super().peerSend(peer, data)
+        if set(self.peer_got) >= set(self.model_blobs()):
+            self.peer_has_all.set()
+
+    async def before_verdict(self) -> None:
+        await self.peer_has_all.wait()
+
+
+def test_the_page_serves_the_blobs_it_holds_to_its_peer():
+    bridge = ServedPeerBridge()
+    assert peer_session(bridge).startswith("finished")
+    assert bridge.peer_got == bridge.model_blobs()
+    (chunk,) = bridge.published.chunks
+    assert bridge.peer_got[chunk] == bridge.model
+    assert bridge.node.node.swarm.bytes_to_peers == sum(len(b) for b in bridge.model_blobs().values())
+    (model,) = bridge.events("model")
+    assert (model["from_peers"], model["from_coordinator"]) == (0, sum(len(b) for b in bridge.model_blobs().values()))

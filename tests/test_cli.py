@@ -71,7 +71,8 @@ def test_format_status_shows_each_round_and_node():
                           {"round": 1, "val_loss": 2.5, "accepted": 2, "rejected": 1, "tokens": 2048}],
               "nodes": [{"id": "ab" * 32, "kind": "trainer", "state": "training", "path": "webrtc",
                          "updates_accepted": 1, "tokens_per_second": 1234.4, "reputation": 10,
-                         "balance": 2_500_000}]}
+                         "balance": 2_500_000, "utilisation": 0.875, "peers": 3}]}
     lines = format_status(status).splitlines()
     assert any(line.split() == ["1", "2.5000", "2", "1", "2,048"] for line in lines)
-    assert any(line.split()[1:] == ["trainer", "training", "webrtc", "1", "1,234", "10", "2.500000"] for line in lines)
+    assert any(line.split()[1:] == ["trainer", "training", "webrtc", "1", "1,234", "88%", "3", "10", "2.500000"]
+               for line in lines)

@@ -29,7 +29,8 @@ FP16 = CodecSpec("fp16")
 INT8 = CodecSpec("int8", {"block": 4})
 TOPK = CodecSpec("topk", {"k": 3})
 EVERY_CODEC = [FP32, FP16, INT8, CodecSpec("int8"), TOPK, CodecSpec("topk", {"fraction": 0.25}),
-               CodecSpec("int8", {"block": 4, "deflate": True}), CodecSpec("topk", {"k": 3, "deflate": True})]
+               CodecSpec("int8", {"block": 4, "deflate": True}), CodecSpec("topk", {"k": 3, "deflate": True}),
+               CodecSpec("sparseloco", {"chunk": 2, "k": 1, "bits": 2})]
 
 finite_float32 = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 
@@ -39,7 +40,7 @@ def f32(x: float) -> float:
 
 
 def test_every_codec_is_listed():
-    assert CODECS == ("fp32", "fp16", "int8", "topk")
+    assert CODECS == ("fp32", "fp16", "int8", "topk", "sparseloco")
 
 
 @pytest.mark.parametrize(

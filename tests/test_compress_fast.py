@@ -25,6 +25,7 @@ SPECS = [
     CodecSpec("int8", {"block": 5, "deflate": True}),
     CodecSpec("topk", {"k": 4, "deflate": True}),
     CodecSpec("fp32", {"deflate": True}),
+    CodecSpec("sparseloco", {"chunk": 8, "k": 3, "bits": 2}),
 ]
 
 # Wide magnitudes reach fp16's subnormals and int8's tiny scales; repeats and zeros make ties.

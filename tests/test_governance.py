@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.coordinator.governor import Governor
+from server.coordinator.job import JobConfig
 from server.keys import NodeKey
 from server.coordinator.store import Store
 from shared.governance import (
@@ -486,6 +487,18 @@ def test_a_boundary_decision_is_committed_with_the_round_and_survives_a_restart(
     state = restarted.governance.proposals[proposal_id]
     assert (state.status, set(state.votes)) == ("applied", {alice.node_id})
     assert restarted.params["lr"] == 0.001
+
+
+def test_a_job_started_under_the_old_outer_momentum_keeps_it_and_a_new_job_gets_the_new_default(tmp_path):
+    # the default outer momentum went from 0.9 to 0.5 (bench/README.md, "The outer step"); a running job's
+    # governed value is its own, and only a vote changes it
+    old = Governance.default()
+    old.params = old.round_config(outer_momentum=0.9)
+    store = Store(tmp_path / "old.db")
+    store.set_meta("governance", old.to_dict())  # a job's books, written while 0.9 was the default
+    assert Governor(store, NodeKey(), JobConfig().governed()).params["outer_momentum"] == 0.9
+    new_job = Governor(Store(tmp_path / "new.db"), NodeKey(), JobConfig().governed())
+    assert new_job.params["outer_momentum"] == Governance.default().params["outer_momentum"] == 0.5
 
 
 def test_proposals_in_an_older_governance_blob_move_into_their_tables_on_first_load(tmp_path):

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from kernels import quant
+from shared import compress
 from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
 from shared.model import GPTConfig, parameter_layout
 
@@ -34,6 +35,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 PYODIDE_DIR = REPO / "node_modules" / "pyodide"
 # one AdamW step's hyperparameters, given explicitly to both the browser and torch.optim.AdamW
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+SPARSELOCO = "sparseloco:chunk=1024,k=32"  # encoded twice in Chromium's WGSL, the second time with the residual
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-quic",
@@ -70,7 +72,12 @@ loss, grads = await trainer.loss_and_grads(tokens, targets, seq_len=SEQ)
 losses = await trainer.train_steps([(tokens, targets)], seq_len=SEQ, **HYPER)
 local = await trainer.read_params()
 scales, codes = await trainer.pseudo_gradient_int8()
+from kernels.sparseloco_codec import DeviceSparseLoCo
+from shared import compress
+sparse = DeviceSparseLoCo(device, compress.parse_codec(SPARSELOCO), trainer.num_params, trainer.kernels)
+sparse_payloads = [await sparse.encode_difference(trainer.global_params, trainer.params) for _ in range(2)]
 json.dumps({
+    "sparseloco": [base64.b64encode(p).decode() for p in sparse_payloads],
     "loss": loss,
     "losses": losses,
     "grads": base64.b64encode(grads.tobytes()).decode(),
@@ -164,7 +171,7 @@ def test_browser_device_trains_the_gpt_like_torch(site):
     (root / "tokens.bin").write_bytes(tokens.to(torch.uint8).numpy().tobytes())
     (root / "targets.bin").write_bytes(targets.to(torch.uint8).numpy().tobytes())
     code = (f"CONFIG = {json.dumps(json.dumps(cfg.to_dict()))}\nBATCH = {batch}\nSEQ = {seq}\n"
-            f"HYPER = {HYPER!r}\n" + IN_BROWSER)
+            f"HYPER = {HYPER!r}\nSPARSELOCO = {SPARSELOCO!r}\n" + IN_BROWSER)
 
     # its own thread and event loop: Playwright's sync API (the e2e fixtures) may hold this thread's loop
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -197,3 +204,6 @@ def test_browser_device_trains_the_gpt_like_torch(site):
     expected_scales, expected_codes = quant.quantize_int8(pseudo_gradient)
     assert base64.b64decode(result["scales"]) == expected_scales.tobytes()
     assert base64.b64decode(result["codes"]) == expected_codes
+    spec, feedback = compress.parse_codec(SPARSELOCO), compress.ErrorFeedback(len(pseudo_gradient))
+    assert [base64.b64decode(p) for p in result["sparseloco"]] == [feedback.encode(spec, pseudo_gradient)
+                                                                  for _ in range(2)]

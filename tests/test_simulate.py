@@ -13,6 +13,7 @@ import math
 import pytest
 
 from server.sim import SimOptions, SimulationError, alie_z, main, run_simulation
+from shared import swarm
 
 # Early-training setting: long enough for the clean run to fall from 5.5 to about 3.2, short enough that a
 # swarm slowed by attackers has not caught up. A 3 MB corpus keeps every shard Python source (the standard
@@ -166,6 +167,48 @@ def test_json_lines_csv_and_png_hold_every_round(tmp_path, capsys):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
 
 
+def test_the_summary_gives_upload_bytes_per_token_against_fp32_data_parallel(tmp_path, capsys):
+    # 2 workers x 2 rounds x H = 3 steps of 4 windows of 64 tokens; fp32 sends one vector per round where data
+    # parallel sends one per step, so the ratio is H
+    code = main(["--workers", "2", "--rounds", "2", "--inner-steps", "3", "--batch", "4", "--corpus-bytes", "1000000",
+                 "--out", str(tmp_path), "--json", "--no-progress"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    per_round, summary = lines[:-1], lines[-1]
+    tokens = 2 * 2 * 3 * 4 * 64
+    assert summary["tokens_trained"] == tokens and summary["inner_steps_trained"] == 2 * 2 * 3
+    received = sum(r["bytes"] for r in per_round)  # what the coordinator counted, every update accepted
+    assert summary["update_bytes"] == received == 2 * 2 * 4 * summary["params"]
+    assert summary["bytes_per_token"] == received / tokens
+    assert summary["ddp_bytes_per_token"] == 4 * summary["params"] * 2 * 2 * 3 / tokens
+    assert summary["ddp_bytes_per_token"] / summary["bytes_per_token"] == pytest.approx(3)
+
+
+MESH = dict(workers=6, rounds=3, inner_steps=2, batch=4, seed=0, corpus_bytes=3_000_000, out=None)
+
+
+def test_workers_fetch_from_each_other_and_train_the_same_bits_as_the_star(monkeypatch):
+    # a chunk waits PEER_WAIT_S of wall-clock time for a peer before the coordinator serves it; stretched here so
+    # that a slow or busy machine cannot reroute one. Nothing in these runs needs that fallback: every chunk's seed
+    # is a worker of the round, and the data plane runs before any worker trains.
+    monkeypatch.setattr(swarm, "PEER_WAIT_S", 60.0)
+    star = run_simulation(SimOptions(**MESH, peers=0))
+    mesh = run_simulation(SimOptions(**MESH, peers=3))
+    # only the bytes' routes differ: every round's model, so the training, is the same to the bit
+    assert [r["model_hash"] for r in mesh.rows] == [r["model_hash"] for r in star.rows]
+    assert mesh.summary["final_val_loss"] == star.summary["final_val_loss"]
+    assert star.summary["model_bytes_from_peers"] == 0
+    for star_row, mesh_row in zip(star.rows[1:], mesh.rows[1:]):
+        # the workers hold the same models, fetched mostly from each other (5 of 6 copies, where seeds are one)
+        fetched = mesh_row["model_bytes_from_peers"] + mesh_row["model_bytes_from_coordinator"]
+        assert fetched == star_row["model_bytes_from_coordinator"]
+        assert mesh_row["model_bytes_from_peers"] >= 4 * mesh_row["model_bytes_from_coordinator"]
+    for star_row, mesh_row in zip(star.rows[2:], mesh.rows[2:]):  # rounds after the first: every worker takes the delta
+        delta = mesh_row["delta_bytes"]
+        assert delta > 0 and star_row["coordinator_bytes_out"] >= 6 * delta
+        assert mesh_row["coordinator_bytes_out"] <= 2 * delta
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(byzantine=0.5), "--byzantine must be a fraction in [0, 0.5)"),
     (dict(byzantine=-0.1), "--byzantine"),
@@ -173,6 +216,7 @@ def test_json_lines_csv_and_png_hold_every_round(tmp_path, capsys):
     (dict(attack="bribe"), "unknown --attack 'bribe'"),
     (dict(aggregator="vote"), "unknown --aggregator 'vote'"),
     (dict(workers=2, byzantine=0.2), "rounds to no attacker"),
+    (dict(peers=-1), "--peers must be at least 0"),
 ])
 def test_bad_options_are_typed_errors(options, message):
     with pytest.raises(SimulationError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

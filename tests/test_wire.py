@@ -152,6 +152,36 @@ def test_brackets_inside_strings_do_not_count_as_nesting():
     assert decode_message(h.encode()) == h
 
 
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8100", "http://trainer-3.lan:1", "http://[::1]:65535",
+                                 "http://" + "a" * 116 + ":8100"])
+def test_a_blob_url_is_http_host_and_port(url):
+    hello = Hello("a" * 64, "trainer", "b" * 64, "c" * 128, blob_url=url)
+    assert decode_message(hello.encode()) == hello
+    msg = RoundOpen(1, "a" * 64, "b" * 128, {}, 0, 1.0, peers=["d" * 64], peer_urls={"d" * 64: url})
+    assert decode_message(msg.encode()) == msg
+
+
+@pytest.mark.parametrize("url", ["https://10.0.0.5:8100", "http://10.0.0.5", "http://10.0.0.5:0", "http://h:65536",
+                                 "http://h:8100/", "http://h:8100/blobs", "http://user@h:8100", "http://h:8100?x",
+                                 "http://-h:8100", "http://h :8100", "ftp://h:8100", "http://h:8100\n",
+                                 "http://" + "a" * 117 + ":8100", ":8100"])
+def test_anything_else_as_a_blob_url_is_refused(url):
+    hello = Hello("a" * 64, "trainer", "b" * 64, "c" * 128).to_dict()
+    with pytest.raises(FieldError):
+        decode_message(json.dumps({**hello, "blob_url": url}))
+    round_open = RoundOpen(1, "a" * 64, "b" * 128, {}, 0, 1.0).to_dict()
+    with pytest.raises(FieldError):
+        decode_message(json.dumps({**round_open, "peer_urls": {"d" * 64: url}}))
+
+
+def test_peer_urls_are_keyed_by_node_ids_and_bounded():
+    round_open = RoundOpen(1, "a" * 64, "b" * 128, {}, 0, 1.0).to_dict()
+    for peer_urls in ({"not-a-node": "http://h:1"}, {"d" * 64: 7},
+                      {hashlib.sha256(bytes([i])).hexdigest(): "http://h:1" for i in range(wire.MAX_PEERS + 1)}):
+        with pytest.raises(FieldError):
+            decode_message(json.dumps({**round_open, "peer_urls": peer_urls}))
+
+
 def test_integer_fields_refuse_booleans_and_floats():
     d = RoundOpen(1, "a" * 64, "b" * 128, {}, 0, 1.0).to_dict()
     for bad in (True, 1.5, "1"):

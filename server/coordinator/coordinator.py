@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from server.coordinator.open_round import DecidedUpdate, OpenRound
 from server.coordinator.status import status
 from server.coordinator.store import RoundRecord, Store
 from server.coordinator.strategy import RoundStrategy
+from server.coordinator.tracker import DEFAULT_PEERS, advise
 from server.corpus import Corpus
 from server.keys import NodeKey
 from shared import compress
@@ -42,8 +44,12 @@ DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of 
 
 class Coordinator:
     def __init__(self, data_dir: Path, job: JobConfig, corpus: Corpus, store: Store | None = None,
-                 rules_toml: str | None = None):
+                 rules_toml: str | None = None, peers: int = DEFAULT_PEERS, ice_servers: Sequence[dict] = ()):
         self.data_dir = data_dir
+        self.peers = peers  # peer links the tracker advises per node; 0 = the star (every byte from here)
+        # STUN/TURN servers for every peer connection (RTCIceServer dictionaries, server.net.rtc.ice_server_list), from
+        # `--ice-server`: a setting of this deployment, not of the stored job, so their credentials stay out of state.db
+        self.ice_servers = tuple(ice_servers)
         self.store = store or Store(data_dir / "state.db")
         self.key = NodeKey.load_or_create(data_dir / "coordinator.key")
         self.corpus = corpus
@@ -90,14 +96,16 @@ class Coordinator:
     def max_payload(self) -> int:
         return self.intake.max_payload
 
-    def describe(self) -> dict:
-        """The job as nodes and users see it: the fixed model and the governed parameters in force."""
+    def describe(self, credentials: bool = False) -> dict:
+        """The job as nodes and users see it: the fixed model, the governed parameters in force and the ICE
+        servers, whose TURN credentials only with `credentials` (a node's Welcome), never in public views."""
         p = self.governor.params
         return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
                 "inner_steps": int(p["inner_steps"]), "batch": int(p["batch"]), "lr": float(p["lr"]),
                 "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec),
                 "delta_codec": compress.format_codec(self.strategy.delta_codec), "rounds": self.job.rounds,
-                "deadline_seconds": self.deadline_seconds}
+                "deadline_seconds": self.deadline_seconds,
+                "ice_servers": [s if credentials else {"urls": s["urls"]} for s in self.ice_servers]}
 
     def model_signature(self, round_: int, hash_: str) -> str:
         return self.key.sign(signing_bytes("model", {"round": round_, "model_hash": hash_}))
@@ -163,6 +171,7 @@ class Coordinator:
             rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config(),
                             bytes_sent_before=self.bytes_sent())
             self.intake.opened(rnd)
+            rnd.advice = advise([s.node_id for s in self.intake.ready_sessions()], self.peers)
             self.open_round = rnd
             # logs count rounds as status does: round N is the one whose commit completes N rounds
             log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round + 1,

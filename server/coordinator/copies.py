@@ -16,6 +16,7 @@ COPY_COSINE = 0.99
 # Top-k updates: a copier may keep the indices and change the values, which cosine alone would miss.
 # Honest nodes' top-k supports overlap far less than this (Jaccard index of the transmitted coordinates).
 COPY_SUPPORT_OVERLAP = 0.95
+SPARSE_CODECS = ("topk", "sparseloco")  # the codecs whose updates send some coordinates only
 
 
 def cosines(rows: list[np.ndarray]) -> np.ndarray:
@@ -49,7 +50,7 @@ def find_copies(rows: list[np.ndarray], codecs: list[dict]) -> dict[int, tuple[i
     found: dict[int, tuple[int, str]] = {}
     originals: list[int] = []
     for i in range(len(rows)):
-        sparse = codecs[i].get("name") == "topk"
+        sparse = codecs[i].get("name") in SPARSE_CODECS
         for j in originals:
             if similarity[i, j] > COPY_COSINE:
                 found[i] = (j, f"cosine {similarity[i, j]:.4f} > {COPY_COSINE}")

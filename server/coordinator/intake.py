@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ import numpy as np
 from server.codecs import decode_numpy
 from server.coordinator.governor import RecentJoins
 from server.coordinator.open_round import Assignments, DecidedUpdate, OpenRound
+from server.coordinator.tracker import advise_joiner
 from server.keys import SignatureError, verify
 from server.log_limits import LogLimiter
 from server.net.link import Link, LinkClosed
@@ -29,7 +31,8 @@ from shared.agent import NodeReport
 from shared.batches import tokens_allowed
 from shared.identity import signing_bytes
 from shared.rules import Decision
-from shared.wire import Bye, Error, Message, ModelRequest, PayloadHeader, RoundOpen, Update, UpdateResult
+from shared.wire import (MAX_PEERS, Bye, Error, Message, ModelRequest, PayloadHeader, RoundOpen, RoundStats, Update,
+                         UpdateResult)
 
 if TYPE_CHECKING:
     from server.coordinator.coordinator import Coordinator
@@ -46,6 +49,7 @@ PENDING_PER_NODE = 2  # announced updates a node may have waiting for their byte
 SECONDS_SLACK_S = 2.0  # a node's reported training time may exceed the wall time since its assignment by this
 SPEED_JUMP = 8.0  # a node reporting more than this many times its measured speed is read at that bound
 ASSIGNMENTS_KEPT = 8  # rounds whose assignments are remembered; older updates are refused as unassigned
+UTILISATION_ROUNDS = 5  # a node's utilisation is over its last this many rounds
 JOINS_PER_KEY_PER_MINUTE = 30  # reconnects of one key; a key past it waits, without costing anyone else
 
 
@@ -73,6 +77,7 @@ class NodeSession:
     kind: str
     agent: str = ""
     link: Link | None = None
+    blob_url: str = ""  # where it serves its blobs over HTTP (Hello.blob_url), for its peers; "" when it does not
     state: str = "connecting"  # connecting -> ready -> training -> submitted; left
     connected_at: float = field(default_factory=time.time)
     # closes every link of this node (set by the transport): a removed node must not keep a socket to talk on
@@ -116,6 +121,8 @@ class Intake:
         self.sessions: dict[str, NodeSession] = {}
         self.bytes_sent = 0  # over nodes' links, messages and models
         self.node_speed: dict[str, float] = {}  # node id -> tokens/s of its last accepted update
+        self.traffic: dict[str, RoundStats] = {}  # node id -> how its models came, as it last reported
+        self.busy: dict[str, deque] = {}  # node id -> (compute, wall) seconds of its last UTILISATION_ROUNDS rounds
         self.pending: dict[tuple[str, int], PendingUpdate] = {}  # (node id, transfer id) -> awaiting its bytes
         self.deferred: list[DeferredPayload] = []  # arrived while a round closed
         # the assignments of recent rounds, without their updates: a late update is checked against its own
@@ -177,6 +184,13 @@ class Intake:
             except Exception as e:  # the transport may be half gone already; the session is detached anyway
                 log.info("closing the links of %s: %s", session.node_id[:12], e)
 
+    def utilisation(self, node_id: str) -> float | None:
+        """The share of a node's recent rounds' wall time it spent training, as it reports them; None before any."""
+        busy = self.busy.get(node_id)
+        if not busy:
+            return None
+        return min(1.0, sum(c for c, _ in busy) / sum(w for _, w in busy))
+
     def heard(self, session: NodeSession) -> bool:
         """Whether to hear this session at all: a detached, replaced or quarantined node is not heard."""
         return session.state != "left" and session.node_id not in self.coordinator.policy.quarantined
@@ -228,10 +242,29 @@ class Intake:
             self._shard_counter += 1
             rnd.assignments[session.node_id] = shard
         rnd.assigned_at.setdefault(session.node_id, time.time())
+        advice = rnd.advice.get(session.node_id)
+        if advice is None:  # joined while the round was open: its place in the ring among those here now
+            ids = [s.node_id for s in self.ready_sessions()] + [session.node_id]
+            # the chunks stay split as the round opened, or finer when fewer nodes were there to seed them then
+            slots = max(next(iter(rnd.advice.values())).seed_slots if rnd.advice else 1, len(set(ids)))
+            advice = advise_joiner(ids, session.node_id, c.peers, slots)
         msg = RoundOpen(rnd.round, c.model.hash, c.model_signature(rnd.round, c.model.hash), rnd.config, shard,
-                        rnd.deadline, c.blobs.manifest_of(c.model.hash), c.blobs.delta_of(c.model.hash))
+                        rnd.deadline, c.blobs.manifest_of(c.model.hash), c.blobs.delta_of(c.model.hash),
+                        list(advice.peers), advice.seed_slot, advice.seed_slots,
+                        self._peer_urls(session.node_id, advice.peers, rnd))
         if await self.send(session, msg):
             session.state = "training"
+
+    def _peer_urls(self, node_id: str, dials: tuple[str, ...], rnd: OpenRound) -> dict[str, str]:
+        """The blob URLs of the peers `node_id` links to this round, either way (it dials `dials`; the others dial it),
+        for those connected that serve blobs over HTTP."""
+        linked = dict.fromkeys([*dials, *(n for n, a in rnd.advice.items() if node_id in a.peers)])
+        urls = {}
+        for peer in linked:
+            session = self.sessions.get(peer)
+            if session is not None and session.blob_url and peer != node_id:
+                urls[peer] = session.blob_url
+        return dict(list(urls.items())[:MAX_PEERS])
 
     # -- messages from nodes ------------------------------------------------------------------------------
 
@@ -242,6 +275,11 @@ class Intake:
             await self._send_model(session, msg)
         elif isinstance(msg, Update):
             await self._on_update(session, msg)
+        elif isinstance(msg, RoundStats):
+            self.traffic[session.node_id] = msg  # self-reported, for the status view only
+            if msg.wall_seconds > 0:
+                busy = self.busy.setdefault(session.node_id, deque(maxlen=UTILISATION_ROUNDS))
+                busy.append((msg.compute_seconds, msg.wall_seconds))
         elif isinstance(msg, Bye):
             if self.sessions.get(session.node_id) is session:
                 self.coordinator.governor.leave(session.node_id)  # a clean leave: the stake returns at the close

@@ -103,6 +103,7 @@ class OpenRound:
     bytes_received: int = 0
     bytes_sent_before: int = 0  # Coordinator.bytes_sent() when the round opened
     closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
+    advice: dict = field(default_factory=dict)  # node id -> its tracker.Advice (peers to dial, seed share)
 
     def assigned(self) -> Assignments:
         return Assignments(self.opened_at, self.config, self.assignments, self.assigned_at)

@@ -89,8 +89,10 @@ TOLERANCES = {"fp32": TOLERANCE, "fp16": TOLERANCE, "int8": TOLERANCE}
 # 12, 4 workers at H = 20). On the transmitted support an honest update keeps cosine >= 0.92 with the re-execution,
 # but another node's update of the same round reaches 0.98 and one with H halved 0.999, and the honest norm ratio on
 # the support drifts from 1 to 6.2: neither a copied nor a scaled update can be told from an honest one.
-NOT_CHECKED = {"topk": "the error-feedback residual on the transmitted support is unknown to the coordinator and as "
-                       "large as the update itself, so no tolerance tells an honest update from a copied or scaled one"}
+# sparseloco is top-k per chunk with error feedback too (and its 2-bit values add their quantisation error to it).
+NOT_CHECKED = {name: "the error-feedback residual on the transmitted support is unknown to the coordinator and as "
+                     "large as the update itself, so no tolerance tells an honest update from a copied or scaled one"
+               for name in ("topk", "sparseloco")}
 
 
 def _norm(values: np.ndarray) -> float:
@@ -111,8 +113,8 @@ def judge(claimed: np.ndarray, recomputed: np.ndarray, codec: dict) -> Verdict:
     """Does the update a node claimed (decoded from its payload) match the re-executed one, under `codec` (the
     Update's codec spec, {"name", "params"})? A failed verdict's evidence["reason"] says which bound broke.
 
-    top-k updates are not judged (ok, evidence["skipped"] == "topk"; see NOT_CHECKED); their cosine and relative
-    error are measured on the transmitted support, for the record. Evidence holds JSON numbers only.
+    top-k and sparseloco updates are not judged (ok, evidence["skipped"] == the codec; see NOT_CHECKED); their
+    cosine and relative error are measured on the transmitted support, for the record. Evidence holds JSON numbers only.
     """
     name = codec.get("name") if isinstance(codec, dict) else None
     if name not in TOLERANCES and name not in NOT_CHECKED:

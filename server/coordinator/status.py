@@ -21,6 +21,7 @@ def status(coordinator: Coordinator) -> dict:
         state = live.state if live else "offline"
         if node_id in c.policy.quarantined:
             state = "quarantined"
+        traffic = intake.traffic.get(node_id)
         nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "state": state,
                       "path": live.link.path if live and live.link else None, "last_path": n["last_path"],
                       "updates_accepted": n["updates_accepted"], "updates_rejected": n["updates_rejected"],
@@ -28,7 +29,14 @@ def status(coordinator: Coordinator) -> dict:
                       "tokens_per_second": intake.node_speed.get(node_id),
                       "reputation": c.governor.reputation[node_id],
                       "balance": c.governor.ledger.balance(node_id),
-                      "stake": c.governor.ledger.stake_of(node_id)})
+                      "stake": c.governor.ledger.stake_of(node_id),
+                      # how its models came, as the node reports it (cumulative since it started)
+                      "peers": traffic.peers if live and traffic else 0,
+                      "bytes_from_peers": traffic.bytes_from_peers if traffic else 0,
+                      "bytes_from_coordinator": traffic.bytes_from_coordinator if traffic else 0,
+                      "bytes_to_peers": traffic.bytes_to_peers if traffic else 0,
+                      # training time over wall time, its last rounds (intake.UTILISATION_ROUNDS), as it reports them
+                      "utilisation": intake.utilisation(node_id)})
     last = rounds[-1] if rounds else None
     rnd = c.open_round
     open_round = None
@@ -46,6 +54,7 @@ def status(coordinator: Coordinator) -> dict:
         "intake": {"pending_payloads": len(intake.pending), "deferred": len(intake.deferred),
                    "errors": c.intake_errors},
         "job": c.describe(),
+        "peers": c.peers,  # the peer links the tracker advises per node (0: the star)
         "history": [{"round": r.round, "val_loss": r.val_loss, "accepted": r.accepted, "rejected": r.rejected,
                      "tokens": r.tokens, "bytes": r.bytes_received,
                      "coordinator_bytes_out": r.bytes_sent, "model_hash": r.model_hash,

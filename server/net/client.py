@@ -14,8 +14,10 @@ import websockets.exceptions
 
 from server.keys import SignatureError, verify
 from server.net import rtc
+from server.net.blob_http import fetch_direct
 from server.net.link import DataChannelLink, Link, LinkClosed, WebSocketLink
-from shared.node import Disconnected, Node, NodePort
+from shared.model import GPTConfig
+from shared.node import Disconnected, Node, NodePort, Refused
 from shared.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("swarmgrad.client")
@@ -41,7 +43,8 @@ class KeyedPort(NodePort):
 
 
 class ClientLinks(KeyedPort):
-    """The link half of a Python node's port. `ws_url` is the coordinator's /ws endpoint."""
+    """The link half of a Python node's port. `ws_url` is the coordinator's /ws endpoint. `ice_servers` are the
+    job's STUN/TURN servers (aiortc RTCIceServer), for every peer connection this node makes."""
 
     transient = (OSError, websockets.exceptions.WebSocketException, LinkClosed)
 
@@ -51,8 +54,22 @@ class ClientLinks(KeyedPort):
         self.ws = None
         self.pc = None
         self.link: Link | None = None
+        self.ice_servers: tuple = ()
         self._reader: asyncio.Task | None = None
         self._opened = asyncio.Event()
+        self.peer_pcs: dict = {}  # peer node id -> its aiortc peer connection
+        self.peer_links: dict[str, DataChannelLink] = {}  # peer node id -> its open data channel
+
+    def prepare(self, job: dict, cfg: GPTConfig) -> None:
+        """Take the job's ICE servers; a driver that overrides prepare calls this first."""
+        try:
+            self.ice_servers = rtc.rtc_ice_servers(job.get("ice_servers"))
+        except ValueError as e:
+            raise Refused(f"the coordinator's ICE servers cannot be used: {e}") from None
+        turn = [u for s in self.ice_servers for u in s.urls if rtc.is_turn_url(u)]
+        if rtc.relay_required() and not turn:
+            log.warning("relay-only ICE (--ice-relay-only), but the coordinator names no TURN server: no data "
+                        "channel can open")
 
     async def connect(self, node: Node) -> None:
         self.node = node
@@ -72,7 +89,7 @@ class ClientLinks(KeyedPort):
         await self.ws.send(text)
 
     async def create_offer(self) -> str:
-        self.pc = rtc.new_peer_connection()
+        self.pc = rtc.new_peer_connection(self.ice_servers)
         channel = self.pc.createDataChannel("swarmgrad", ordered=True)
         self._opened = asyncio.Event()
         channel.on("open", self._opened.set)
@@ -104,11 +121,90 @@ class ClientLinks(KeyedPort):
             raise Disconnected("no link to the coordinator")
         await self.link.send_frame(frame)
 
+    # -- peer links (shared/swarm.py): an aiortc data channel to another node, signalled through the coordinator
+
+    def _peer_connection(self, peer: str):
+        old = self.peer_pcs.pop(peer, None)
+        if old is not None:
+            asyncio.ensure_future(old.close())
+        pc = self.peer_pcs[peer] = rtc.new_peer_connection(self.ice_servers)
+        node = self.node
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed") and self.peer_pcs.get(peer) is pc:
+                del self.peer_pcs[peer]
+                self.peer_links.pop(peer, None)
+                node.peer_lost(peer, pc.connectionState)
+                await pc.close()
+
+        return pc
+
+    def _peer_channel(self, peer: str, pc, channel) -> None:
+        link = DataChannelLink(channel)
+
+        def opened() -> None:
+            if self.peer_pcs.get(peer) is pc:
+                self.peer_links[peer] = link
+                self.node.peer_opened(peer)
+
+        def closed() -> None:
+            if self.peer_links.get(peer) is link:
+                del self.peer_links[peer]
+                self.node.peer_lost(peer, "channel closed")
+
+        channel.on("message", lambda frame: self.peer_links.get(peer) is link and self.node.peer_frame(peer, frame))
+        channel.on("close", closed)
+        if channel.readyState == "open":
+            opened()
+        else:
+            channel.on("open", opened)
+
+    async def peer_offer(self, peer: str) -> str:
+        pc = self._peer_connection(peer)
+        self._peer_channel(peer, pc, pc.createDataChannel("swarmgrad-peer", ordered=True))
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc.localDescription.sdp
+
+    async def peer_answer(self, peer: str, offer: str) -> str:
+        from aiortc import RTCSessionDescription
+
+        pc = self._peer_connection(peer)
+        pc.on("datachannel", lambda channel: self._peer_channel(peer, pc, channel))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        return pc.localDescription.sdp
+
+    async def peer_accept(self, peer: str, answer: str) -> None:
+        from aiortc import RTCSessionDescription
+
+        pc = self.peer_pcs.get(peer)
+        if pc is not None and pc.signalingState == "have-local-offer":
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+
+    async def peer_send(self, peer: str, frame: str | bytes) -> None:
+        link = self.peer_links.get(peer)
+        if link is None:
+            raise LinkClosed(f"no open link to peer {peer[:12]}")
+        await link.send_frame(frame)
+
+    async def peer_close(self, peer: str) -> None:
+        self.peer_links.pop(peer, None)
+        pc = self.peer_pcs.pop(peer, None)
+        if pc is not None:
+            await pc.close()
+
+    async def peer_fetch(self, url: str, name: str) -> bytes | None:
+        """Straight from a peer's blob server over HTTP (server/net/blob_http.py), where the tracker names one."""
+        return await fetch_direct(url, name)
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         if self.pc is not None:
             await self.pc.close()
+        for peer in list(self.peer_pcs):
+            await self.peer_close(peer)
         if self.ws is not None:
             await self.ws.close()
         self.ws = self.pc = self.link = self._reader = None

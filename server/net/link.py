@@ -23,7 +23,8 @@ class LinkClosed(ConnectionError):
 
 
 class Link:
-    """Sends frames to one peer. `path` is "webrtc" or "websocket", shown to users."""
+    """Sends frames to one peer. `path` is "webrtc", "webrtc-relay" (through a TURN server) or "websocket", shown
+    to users."""
 
     path = "?"
 
@@ -72,9 +73,10 @@ class Link:
 class DataChannelLink(Link):
     path = "webrtc"
 
-    def __init__(self, channel) -> None:  # an aiortc RTCDataChannel
+    def __init__(self, channel, path: str = "webrtc") -> None:  # an aiortc RTCDataChannel; server.net.rtc.link_path
         super().__init__()
         self.channel = channel
+        self.path = path
         self._low = asyncio.Event()
         channel.bufferedAmountLowThreshold = SEND_BUFFER_LOW
         channel.on("bufferedamountlow", self._low.set)

@@ -149,12 +149,12 @@ class SignalingServer:
         if refusal is not None:
             await self._fail(ws, refusal.code, refusal.reason)
             return None
-        welcome = Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.describe(),
+        welcome = Welcome(hello.node_id, self.coordinator.key.node_id, self.coordinator.describe(credentials=True),
                           self.coordinator.round).encode()
         old = self.sockets.get(hello.node_id)
         if old is not None:
             await self._fail(old, "replaced", "this node connected again from elsewhere")
-        session = NodeSession(hello.node_id, hello.kind, hello.agent)
+        session = NodeSession(hello.node_id, hello.kind, hello.agent, blob_url=hello.blob_url)
         session.disconnect = lambda: self._disconnect(ws, session)
         try:
             self.sockets[hello.node_id] = ws
@@ -214,7 +214,7 @@ class SignalingServer:
         await ws.send_text(Error("no_peer", f"peer {msg.dst[:12]}… is not connected").encode())
 
     async def _answer(self, ws: WebSocket, session: NodeSession, offer: Sdp) -> None:
-        pc = rtc.new_peer_connection()
+        pc = rtc.new_peer_connection(rtc.rtc_ice_servers(list(self.coordinator.ice_servers)))
         self.peer_connections.add(pc)
         previous = self.pc_by_node.pop(session.node_id, None)
         if previous is not None:
@@ -238,8 +238,9 @@ class SignalingServer:
             channels.append(channel)
 
             async def opened() -> None:
-                session.link = DataChannelLink(channel)
-                self.membership_log.info("node %s data channel open", session.node_id[:12])
+                path = rtc.link_path(pc)  # ICE nominated its pair before the channel could open
+                session.link = DataChannelLink(channel, path)
+                self.membership_log.info("node %s data channel open (%s)", session.node_id[:12], path)
                 await coordinator.node_ready(session)
 
             async def on_frame(frame) -> bool:

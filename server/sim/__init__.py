@@ -1,6 +1,9 @@
 """The swarm simulator: the real coordinator and its real signaling server, and simulated workers that run the
 real node (shared/node.py, as the trainer does) with torch CPU, real corpus shards, real codecs and signed
-updates, over in-process sockets that carry the real wire frames (server/sim/worker.py).
+updates, over in-process sockets that carry the real wire frames (server/sim/worker.py). With --peers K the
+workers open in-process peer links through the real signaling relay and fetch model chunks from each other with
+the node's own mesh code (shared/swarm.py), as the coordinator-as-tracker advises; server/sim/network.py models
+the same data plane's timing at scales one process cannot train.
 
 It measures robustness to attackers, churn and compression at a scale one machine holds. Never open a socket,
 and never reach into the coordinator's round logic: workers see and send only the frames a real node would.
@@ -29,20 +32,21 @@ import torch
 from server import aggregation
 from server.codecs import apply_delta
 from server.coordinator import Coordinator, JobConfig
+from server.coordinator.tracker import DEFAULT_PEERS
 from server.corpus import DEFAULT_MAX_BYTES, Corpus, CorpusError, load_corpus
 from server.model import GPT
 from server.net.signaling import SignalingServer
 from server.options import CODEC_HELP, codec_option, fraction, int_at_least, share_option
 from server.sim.attacks import ATTACKS, SCALE_ATTACK_FACTOR, alie_z, corrupt
-from server.sim.worker import SimPort, worker_key
+from server.sim.worker import PeerExchange, SimPort, worker_key
 from server.training import byte_tensor
 from shared import compress
 from shared.governance import GovernanceError
 from shared.model import MODEL_SIZES
 from shared.node import Ended, Node
 
-__all__ = ["ATTACKS", "SimOptions", "Simulation", "SimulationError", "SimulationResult", "alie_z", "corrupt", "main",
-           "run_simulation", "simulation_rules"]
+__all__ = ["ATTACKS", "SimOptions", "Simulation", "SimulationError", "SimulationResult", "Training", "alie_z", "corrupt",
+           "main", "run_simulation", "simulation_rules"]
 
 log = logging.getLogger("swarmgrad.simulate")
 
@@ -59,6 +63,7 @@ JOIN_RULE_SIMULATED = '{ param = "joins_last_minute", op = "<", value = 10000000
 DEADLINE_RULE_DEFAULT = '{ param = "deadline_seconds", op = ">=", value = 5.0 }'
 DEADLINE_RULE_SIMULATED = f'{{ param = "deadline_seconds", op = ">=", value = {SIM_ROUND_DEADLINE_S} }}'
 DEFAULT_OUT = Path("swarmgrad-sim")
+BYTES_PER_FP32 = 4  # synchronous data parallel sends one fp32 gradient per inner step: the bytes-per-token baseline
 
 
 class SimulationError(ValueError):
@@ -94,6 +99,7 @@ class SimOptions:
     # spot checks re-execute updates on the coordinator; off by default here, so that what a run measures is the
     # aggregation rule against its attackers (spot checks would remove most of them before it sees them)
     verify_share: float = 0.0
+    peers: int = DEFAULT_PEERS  # peer links the coordinator (as tracker) advises per worker; 0 = the star
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -115,6 +121,8 @@ class SimOptions:
             raise SimulationError(f"--tolerate must be a fraction in [0, {MAX_BYZANTINE}), got {self.tolerate}")
         if self.rounds < 1 or self.inner_steps < 1 or self.batch < 1 or self.threads < 1:
             raise SimulationError("--rounds, --inner-steps, --batch and --threads must be at least 1")
+        if self.peers < 0:
+            raise SimulationError(f"--peers must be at least 0 (0 is the star), got {self.peers}")
         if self.corpus_bytes < 65_536:
             raise SimulationError(f"--corpus-bytes must be at least 65536 (one shard), got {self.corpus_bytes}")
         if self.model not in MODEL_SIZES:
@@ -132,6 +140,27 @@ class SimOptions:
             return self.tolerate
         # a hair above the attackers' share, so that int(n * fraction) lands on the attacker count
         return max(JobConfig().byzantine_fraction, self.attackers / self.workers + 1e-9)
+
+
+@dataclass(frozen=True)
+class Training:
+    """One worker's inner steps in one round, as it ran them: enough to count its tokens and to replay its batches
+    (bench/bench_diloco.py trains its data-parallel baseline on exactly these)."""
+
+    round: int
+    node_id: str
+    shard: torch.Tensor  # the shard's bytes as the worker trained on them (one tensor shared by its workers)
+    schedule: list  # shared.batches.batch_starts: starts[step][row] into `shard`
+    seq_len: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def tokens(self) -> int:
+        """Predicted positions: what the update claims (shared.batches.tokens_allowed)."""
+        return sum(len(rows) for rows in self.schedule) * self.seq_len
 
 
 class SimWorker:
@@ -167,8 +196,9 @@ class Simulation:
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
                         codec=options.codec, delta_codec=options.delta_codec, seed=options.seed, verify_share=options.verify_share)
-        self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules)
+        self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules, peers=options.peers)
         self.signaling = SignalingServer(self.coordinator)
+        self.exchange = PeerExchange()  # the workers' peer links
         self.model = GPT(self.coordinator.cfg)  # every worker trains on this one module, one after another
         self.rng = random.Random(options.seed)
         self.attack_gen = torch.Generator().manual_seed(options.seed + 1)
@@ -178,6 +208,7 @@ class Simulation:
         self.byzantine_ids: dict[str, bool] = {}  # every worker that ever joined: node id -> attacker?
         self.uplink_bytes = 0
         self.uploads: list[dict] = []  # every update sent: node_id, round, bytes, sha256
+        self.trainings: list[Training] = []  # every worker's inner steps, in the order they ran
         self.released = -1  # the newest round the workers may train
         self._models: dict[str, np.ndarray] = {}
         self._applied: dict[tuple, tuple[np.ndarray, bytes]] = {}
@@ -186,6 +217,9 @@ class Simulation:
         self._forged: dict[int, dict[int, torch.Tensor]] = {}
         self._expected: list[SimWorker] = []
         self._trained = 0
+        self._ready: dict[int, set[SimPort]] = {}  # round -> the workers that hold its model and wait to train
+        self._training: set[SimPort] = set()  # the workers that started training the released round
+        self._fetched: dict[int, Counter] = {}  # round (as rows count it) -> how its models came: bytes by source
         self._pulse: asyncio.Future | None = None
 
     # -- what the workers' ports share -----------------------------------------------------------------------
@@ -217,9 +251,43 @@ class Simulation:
             self._shards[index] = byte_tensor(self.corpus.shard(index))
         return self._shards[index]
 
-    def progress_worker(self, round_: int) -> None:
+    def ready(self, port: SimPort, round_: int) -> None:
+        """A worker holds round `round_`'s model and waits to train it."""
+        self._ready.setdefault(round_, set()).add(port)
+        self.notify()
+
+    def may_train(self, port: SimPort, round_: int) -> bool:
+        """Workers train a released round one at a time, in the order they were started, so that the coordinator
+        receives the updates in the same order (and sums them to the same bits) however the models travelled."""
+        if self.released < round_:
+            return False
+        for w in self._expected:
+            if w.port is port:
+                return True
+            if w.port not in self._training and w.ended is None:
+                return False
+        return True
+
+    def progress_worker(self, port: SimPort, round_: int) -> None:
+        self._training.add(port)
         self.progress.show(round_, self.options.rounds, self._trained, len(self._expected))
         self._trained += 1
+        self.notify()
+
+    def trained(self, port: SimPort, work) -> None:
+        """A worker finished its inner steps of `work` (shared.node.Work)."""
+        self.trainings.append(Training(work.round, port.node_id, work.shard, work.schedule, work.seq_len))
+
+    def fetched(self, fields: dict) -> None:
+        """A worker's "model" report: how the round's model arrived, and from whom."""
+        counts = self._fetched.setdefault(fields["round"], Counter())
+        if fields["source"] == "link":  # in-band, over its link to the coordinator
+            counts["from_coordinator"] += fields["bytes"]
+        else:
+            counts["from_peers"] += fields.get("from_peers", 0)
+            counts["from_coordinator"] += fields.get("from_coordinator", 0)
+        if fields["source"] == "delta":
+            counts["delta_bytes"] = max(counts["delta_bytes"], fields["bytes"])
 
     async def attack(self, port: SimPort, round_: int, values: torch.Tensor) -> torch.Tensor:
         """The encode hook: honest workers send their update; attackers wait until every worker of the round has
@@ -309,13 +377,18 @@ class Simulation:
             ended = {str(w.ended) for w in self.workers}
             raise SimulationError(f"round {r}: no worker is left (refused joins: {self.refused or 'none'}; "
                                   f"ended: {ended or 'none'})")
-        self._expected, self._trained = workers, 0
+        # every model is fetched before anyone trains: training blocks the event loop, and a worker's wall-clock
+        # wait for its peers (shared/swarm.py PEER_WAIT_S) must not count another worker's training time
+        ready = self._ready.setdefault(r, set())
+        await self._wait_for(lambda: all(w.port in ready or w.ended for w in workers), f"round {r} models")
+        self._expected, self._trained, self._training = workers, 0, set()
         self.released = r
         self.notify()
         await self._wait_for(lambda: all(r in w.port.results or w.ended for w in workers), f"round {r} verdicts")
         await self._wait_for(lambda: self.coordinator.round > r, f"round {r} to close")
         honest = self._honest.pop(r, {})
         self._forged.pop(r, None)
+        self._ready.pop(r, None)
         for w in workers:
             bad = [f["message"] for e, f in w.port.events if e == "notice" and "receipt" in f["message"]]
             if bad:
@@ -345,10 +418,16 @@ class Simulation:
         return row
 
     def _row(self, h: dict, joined: int, left: int, rejected_by: Counter, uplink: int, seconds: float) -> dict:
+        fetched = self._fetched.pop(h["round"], Counter())
         return {"round": h["round"], "val_loss": h["val_loss"], "accepted": h["accepted"], "rejected": h["rejected"],
                 "bytes": h["bytes"], "uplink_bytes": uplink, "workers": len(self.workers), "attackers": 0,
                 "joined": joined, "left": left, "quarantined": 0, "honest_norm": 0.0, "rejected_by": dict(rejected_by),
-                "seconds": round(seconds, 3)}
+                # what the coordinator sent while the round was open (links and blobs), and how the round's models
+                # reached the workers: model bytes from peers and from the coordinator; the round's delta's size
+                "coordinator_bytes_out": h.get("coordinator_bytes_out", 0),
+                "model_bytes_from_peers": fetched["from_peers"],
+                "model_bytes_from_coordinator": fetched["from_coordinator"], "delta_bytes": fetched["delta_bytes"],
+                "model_hash": h.get("model_hash"), "seconds": round(seconds, 3)}
 
     def _summary(self, rows: list[dict], seconds: float) -> dict:
         played = rows[1:]
@@ -356,10 +435,22 @@ class Simulation:
         rejected_by: Counter = Counter()
         for r in played:
             rejected_by.update(r["rejected_by"])
+        tokens = sum(t.tokens for t in self.trainings)
+        steps = sum(t.steps for t in self.trainings)
+        update_bytes = sum(u["bytes"] for u in self.uploads)
         return {"final_val_loss": rows[-1]["val_loss"], "initial_val_loss": rows[0]["val_loss"],
+                # uploads per token trained, against synchronous data parallel's on the same tokens: one fp32
+                # gradient of every parameter per inner step
+                "tokens_trained": tokens, "inner_steps_trained": steps, "update_bytes": update_bytes,
+                "bytes_per_token": update_bytes / max(1, tokens),
+                "ddp_bytes_per_token": BYTES_PER_FP32 * self.coordinator.n_params * steps / max(1, tokens),
                 "bytes_per_round": sum(r["bytes"] for r in played) / len(played),
                 "bytes_per_update": sum(r["bytes"] for r in played) / max(1, accepted),
                 "uplink_bytes_per_round": sum(r["uplink_bytes"] for r in played) / len(played),
+                "coordinator_bytes_out_per_round": sum(r["coordinator_bytes_out"] for r in played) / len(played),
+                "model_bytes_from_peers": sum(r["model_bytes_from_peers"] for r in played),
+                "model_bytes_from_coordinator": sum(r["model_bytes_from_coordinator"] for r in played),
+                "final_model_hash": rows[-1]["model_hash"],
                 "accepted": accepted, "rejected": sum(r["rejected"] for r in played),
                 "rejected_by": dict(rejected_by), "quarantined": sum(r["quarantined"] for r in played),
                 "refused_joins": len(self.refused), "rounds": len(played), "params": self.coordinator.n_params,
@@ -391,7 +482,8 @@ def simulation_rules() -> str:
 # -- outputs -------------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("round", "val_loss", "accepted", "rejected", "bytes", "uplink_bytes", "workers", "attackers",
-               "joined", "left", "quarantined", "honest_norm", "seconds")
+               "joined", "left", "quarantined", "honest_norm", "coordinator_bytes_out", "model_bytes_from_peers",
+               "model_bytes_from_coordinator", "delta_bytes", "seconds")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -422,8 +514,9 @@ def write_plot(path: Path, rows: list[dict], title: str) -> None:
 
 def describe(o: SimOptions) -> str:
     attack = f"{o.attackers} {o.attack} attacker(s)" if o.attackers else "no attackers"
+    mesh = f"{o.peers} peer links each" if o.peers else "star (no peer links)"
     return (f"{o.workers} workers, {attack}, {o.aggregator}, {o.codec}, churn {o.churn:g}, H={o.inner_steps}, "
-            f"batch {o.batch}, seed {o.seed}")
+            f"batch {o.batch}, {mesh}, seed {o.seed}")
 
 
 class ProgressBar:
@@ -459,6 +552,7 @@ class SimulationResult:
     csv_path: Path | None
     png_path: Path | None
     uploads: list[dict]  # every update a worker sent: node_id, round, bytes, sha256
+    trainings: list[Training]  # every worker's inner steps, in the order they ran
 
 
 def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None = None,
@@ -485,7 +579,7 @@ def run_simulation(options: SimOptions, on_round: Callable[[dict], None] | None 
         write_csv(csv_path, rows)
         write_plot(png_path, rows, describe(options))
         summary.update(csv=str(csv_path), png=str(png_path))
-    return SimulationResult(rows, summary, csv_path, png_path, sim.uploads)
+    return SimulationResult(rows, summary, csv_path, png_path, sim.uploads, sim.trainings)
 
 
 # -- command line --------------------------------------------------------------------------------------------
@@ -543,6 +637,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the share of updates the coordinator re-executes (spot checks), as with the coordinator's "
                         "option; 0 here by default, so that the aggregation rule meets the attackers "
                         "(default: %(default)s)")
+    p.add_argument("--peers", type=int_at_least(0), default=d.peers, metavar="K",
+                   help="peer links the coordinator (as tracker) advises each worker to open: workers fetch model "
+                        "chunks from each other first, over in-process links, with the node's own mesh code; 0 is "
+                        "the star, every byte from the coordinator (default: %(default)s, as the coordinator's)")
     p.add_argument("--threads", type=int_at_least(1), default=d.threads,
                    help="torch CPU threads; workers run one after another (default: %(default)s)")
     p.add_argument("--json", action="store_true",
@@ -566,7 +664,7 @@ def main(argv: list[str]) -> int:
                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
                              seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,
                              data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads,
-                             verify_share=args.verify_share)
+                             verify_share=args.verify_share, peers=args.peers)
     except SimulationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -579,7 +677,9 @@ def main(argv: list[str]) -> int:
         else:
             rejected = f" ({', '.join(f'{k} {v}' for k, v in row['rejected_by'].items())})" if row["rejected"] else ""
             print(f"round {row['round']}: validation loss {row['val_loss']:.4f}, {row['accepted']} accepted, "
-                  f"{row['rejected']} rejected{rejected}, {row['bytes']:,} bytes", flush=True)
+                  f"{row['rejected']} rejected{rejected}, {row['bytes']:,} bytes; the coordinator sent "
+                  f"{row['coordinator_bytes_out']:,}, models came {row['model_bytes_from_peers']:,} bytes from peers "
+                  f"and {row['model_bytes_from_coordinator']:,} from the coordinator", flush=True)
 
     try:
         result = run_simulation(options, on_round, progress=not args.no_progress)
@@ -590,7 +690,12 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(s), flush=True)
     else:
+        fetched = s["model_bytes_from_peers"] + s["model_bytes_from_coordinator"]
         print(f"final validation loss {s['final_val_loss']:.4f} (from {s['initial_val_loss']:.4f}), "
               f"{s['bytes_per_round']:,.0f} bytes per round, {s['accepted']} accepted, {s['rejected']} rejected, "
-              f"{s['seconds']:.1f}s\nwrote {s.get('csv')} and {s.get('png')}", flush=True)
+              f"{s['seconds']:.1f}s\nthe coordinator sent {s['coordinator_bytes_out_per_round']:,.0f} bytes per round; "
+              f"{s['model_bytes_from_peers'] / max(1, fetched):.0%} of the model bytes came from peers\n"
+              f"workers sent {s['bytes_per_token']:.3f} update bytes per token trained; fp32 data parallel would "
+              f"send {s['ddp_bytes_per_token']:.3f} (x{s['ddp_bytes_per_token'] / max(s['bytes_per_token'], 1e-12):.1f})\n"
+              f"wrote {s.get('csv')} and {s.get('png')}", flush=True)
     return 0

@@ -1,9 +1,11 @@
 """A simulated worker: the real node (shared/node.py) over an in-process socket into the real signaling server,
-with torch CPU doing the work and the simulator's clock and attacks at two named hooks.
+with torch CPU doing the work and the simulator's clock and attacks at two named hooks; and the in-process peer
+links between workers (PeerExchange), over which the node's own mesh code (shared/swarm.py) trades chunks.
 
-`before_training` holds each worker until the simulator opens the round for everyone, and `encode` is where an
-attacker replaces its honest pseudo-gradient. Never reach into the coordinator from here: a worker sends and
-receives only the frames a real node would.
+`before_training` holds each worker until every worker holds the round's model, then lets them train one at a time
+in the order they were started (so the coordinator sums their updates in one order, however the models travelled),
+and `encode` is where an attacker replaces its honest pseudo-gradient. Never reach into the coordinator from here:
+a worker sends and receives only the frames a real node would.
 """
 
 from __future__ import annotations
@@ -84,6 +86,101 @@ class InProcessSocket:
         self._frames.put_nowait({"type": "websocket.receive", key: frame})
 
 
+class PeerLinkClosed(ConnectionError):
+    """A frame for a peer link that is not open (never opened, or closed by either end)."""
+
+
+class PeerLink:
+    """One in-process stand-in for a WebRTC data channel between two workers: `dialer` sent the offer."""
+
+    def __init__(self, token: str, dialer: str, answerer: str) -> None:
+        self.token, self.dialer, self.answerer = token, dialer, answerer
+        self.answered = self.opened = self.closed = False
+
+    def other(self, node_id: str) -> str:
+        return self.answerer if node_id == self.dialer else self.dialer
+
+
+class PeerExchange:
+    """The peer links between simulated workers. The offer and the answer are tokens naming a PeerLink; they still
+    travel as real Sdp frames through the real signaling relay (the node sends them), so the relay, its sender
+    check and its "no_peer" answer are the real ones. A frame sent on an open link reaches the other node's
+    peer_frame on the next turn of the event loop, in order; closing either end tells the other one."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, "SimPort"] = {}  # node id -> the port of its current session
+        self.links: dict[str, PeerLink] = {}  # token -> a link that is being opened or is open
+        self.bytes = 0  # every frame sent over any peer link
+        self._tokens = 0
+
+    def offer(self, port: "SimPort", peer: str) -> str:
+        self._tokens += 1
+        link = PeerLink(f"sim-peer-link:{self._tokens}", port.node_id, peer)
+        self._replace(port, peer, link)
+        return link.token
+
+    def answer(self, port: "SimPort", peer: str, offer: str) -> str | None:
+        link = self.links.get(offer)
+        if link is None or (link.dialer, link.answerer) != (peer, port.node_id) or link.answered:
+            return None  # an offer this exchange never made, or one for another node
+        link.answered = True
+        self._replace(port, peer, link)
+        return link.token
+
+    def accept(self, port: "SimPort", peer: str, answer: str) -> None:
+        """The dialer applies the answer: the link opens at both ends (on the next turn of the loop, as a data
+        channel's open event would)."""
+        link = self.links.get(answer)
+        if link is None or port.links.get(peer) is not link or not link.answered or link.opened:
+            return
+        link.opened = True
+        asyncio.get_running_loop().call_soon(self._open, link)
+
+    def _open(self, link: PeerLink) -> None:
+        for node_id in (link.dialer, link.answerer):
+            port = self.ports.get(node_id)
+            if link.closed or port is None or port.links.get(link.other(node_id)) is not link:
+                self.close(self.ports.get(node_id), link, "the other end went away while it opened")
+                return
+        for node_id in (link.dialer, link.answerer):
+            self.ports[node_id].node.peer_opened(link.other(node_id))
+
+    async def send(self, port: "SimPort", peer: str, frame: str | bytes) -> None:
+        link = port.links.get(peer)
+        if link is None or not link.opened or link.closed:
+            raise PeerLinkClosed(f"no open link to peer {peer[:12]}")
+        self.bytes += len(frame)
+        asyncio.get_running_loop().call_soon(self._deliver, link, port.node_id, frame)
+        await asyncio.sleep(0)  # a send yields, as a data channel's does
+
+    def _deliver(self, link: PeerLink, src: str, frame: str | bytes) -> None:
+        dst = self.ports.get(link.other(src))
+        if not link.closed and dst is not None and dst.links.get(src) is link:
+            dst.node.peer_frame(src, frame)
+
+    def close(self, port: "SimPort | None", link: PeerLink, reason: str) -> None:
+        """Close `link` at both ends; the other end's node hears of it when the link had opened."""
+        if link.closed:
+            return
+        link.closed = True
+        self.links.pop(link.token, None)
+        for node_id in (link.dialer, link.answerer):
+            end = self.ports.get(node_id)
+            if end is None or end.links.get(link.other(node_id)) is not link:
+                continue
+            del end.links[link.other(node_id)]
+            if link.opened and end is not port:
+                end.node.peer_lost(link.other(node_id), reason)
+
+    def _replace(self, port: "SimPort", peer: str, link: PeerLink) -> None:
+        """A node keeps one link per peer, as a Python node keeps one peer connection: a new one closes the old."""
+        old = port.links.get(peer)
+        if old is not None and old is not link:
+            self.close(port, old, "replaced by a newer link")
+        port.links[peer] = link
+        self.links[link.token] = link
+
+
 class SimPort(KeyedPort):
     """One simulated worker's port. Its parameters and shards are shared with every other worker (one copy per
     model hash): a hundred workers of a larger model would not fit otherwise."""
@@ -101,12 +198,16 @@ class SimPort(KeyedPort):
         self.results: dict[int, dict] = {}  # round -> the "update" report (its verdict)
         self.receipts = 0
         self.events: list[tuple[str, dict]] = []
+        self.node: Node | None = None
+        self.links: dict[str, PeerLink] = {}  # peer node id -> the link to it, opening or open
 
     @property
     def node_id(self) -> str:
         return self.key.node_id
 
     async def connect(self, node: Node) -> None:
+        self.node = node
+        self.sim.exchange.ports[self.node_id] = self
         self.socket = InProcessSocket(node, Client(f"sim-{self.index}", self.index))
         self._serving = asyncio.create_task(self.sim.signaling.endpoint(self.socket))
 
@@ -117,10 +218,32 @@ class SimPort(KeyedPort):
         self.socket.push(frame)
 
     async def close(self) -> None:
+        for link in list(self.links.values()):
+            self.sim.exchange.close(self, link, "the peer left")
+        if self.sim.exchange.ports.get(self.node_id) is self:
+            del self.sim.exchange.ports[self.node_id]
         if self.socket is not None:
             self.socket.hang_up()
             self.sim.uplink_bytes += self.socket.bytes_up
             self.socket.bytes_up = 0
+
+    # peer links: in-process (PeerExchange), the offer and answer relayed by the real signaling server
+    async def peer_offer(self, peer: str) -> str | None:
+        return self.sim.exchange.offer(self, peer)
+
+    async def peer_answer(self, peer: str, offer: str) -> str | None:
+        return self.sim.exchange.answer(self, peer, offer)
+
+    async def peer_accept(self, peer: str, answer: str) -> None:
+        self.sim.exchange.accept(self, peer, answer)
+
+    async def peer_send(self, peer: str, frame: str | bytes) -> None:
+        await self.sim.exchange.send(self, peer, frame)
+
+    async def peer_close(self, peer: str) -> None:
+        link = self.links.get(peer)
+        if link is not None:
+            self.sim.exchange.close(self, link, "closed by the peer")
 
     def prepare(self, job: dict, cfg: GPTConfig) -> None:
         if self.error_feedback is None:
@@ -135,20 +258,26 @@ class SimPort(KeyedPort):
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return self.sim.model_for(model_hash, data)
 
+    def applies_delta(self, model: np.ndarray) -> bool:
+        return True
+
     def apply_delta(self, model: np.ndarray, codec: CodecSpec, data: bytes) -> tuple[np.ndarray, bytes]:
         return self.sim.applied(model, codec, data)
 
     async def before_training(self, node: Node, work: Work) -> None:
-        while self.sim.released < work.round:
+        self.sim.ready(self, work.round)
+        while not self.sim.may_train(self, work.round):
             if node.stopped:
                 raise Stopped("stopped")
             await self.sim.changed()
 
     async def train(self, node: Node, work: Work) -> list[float]:
         """H inner AdamW steps, in the event loop: workers train one after another."""
-        self.sim.progress_worker(work.round)
+        self.sim.progress_worker(self, work.round)
         load_flat_parameters(self.sim.model, torch.from_numpy(work.model.copy()))
-        return inner_steps(self.sim.model, work.shard, work.schedule, work.seq_len, work.lr, work.weight_decay)
+        losses = inner_steps(self.sim.model, work.shard, work.schedule, work.seq_len, work.lr, work.weight_decay)
+        self.sim.trained(self, work)
+        return losses
 
     async def encode(self, node: Node, work: Work) -> bytes:
         """The attack hook: an attacker sends what the simulator forges from every worker's honest update."""
@@ -165,6 +294,8 @@ class SimPort(KeyedPort):
             self.receipts += 1
         elif event == "uploaded":
             self.sim.uploads.append({"node_id": self.node_id, **fields})
+        elif event == "model":
+            self.sim.fetched(fields)
         self.events.append((event, fields))
         if self.socket is not None:  # count what went up so far, also for a worker still connected
             self.sim.uplink_bytes += self.socket.bytes_up

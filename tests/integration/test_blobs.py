@@ -44,10 +44,10 @@ def test_the_model_is_served_as_signed_immutable_chunks_and_a_trainer_fetches_it
     trainer = processes.trainer(coordinator.url, "--log-level", "INFO")
     assert trainer.wait(240) == 0, trainer.output()
     log = trainer.output()
-    fetched = re.findall(r"round (\d+): model fetched as (\d+) chunks \((\d+) bytes\) over HTTP", log)
+    fetched = re.findall(r"round (\d+): model fetched as (\d+) chunks \((\d+) bytes\)", log)
     assert [(int(r), int(n), int(b)) for r, n, b in fetched] == [(1, len(manifest.chunks), manifest.size)]
     # round 2: the node holds round 1's model, so it fetches only the int8 delta, applies it and checks the hash
-    (delta_line,) = re.findall(r"round 2: model updated by a delta of (\d+) chunks \((\d+) bytes\) over HTTP", log)
+    (delta_line,) = re.findall(r"round 2: model updated by a delta of (\d+) chunks \((\d+) bytes\)", log)
     assert 0 < int(delta_line[1]) < manifest.size / 3.5  # int8 blockwise (deflated): over 3.5x smaller than fp32
     assert "fetching the snapshot instead" not in log and "getting the model another way" not in log
     final = coordinator.wait_for(lambda s: s["state"] == "finished", 30, "the job to finish")

@@ -12,6 +12,7 @@ import pytest
 import websockets
 
 from server.keys import NodeKey
+from shared.diloco import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM
 from shared.identity import signing_bytes
 from shared.wire import (Challenge, Error, Hello, ModelRequest, PathSelect, PayloadAssembler, PayloadHeader,
                          RoundOpen, Update, UpdateResult, Welcome, decode_message, payload_frames)
@@ -175,7 +176,8 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
     assert before["round"] == 0 and before["model_hash"] == before["history"][0]["model_hash"]
     assert good.accepted is True
     # outer Nesterov's first step on the good update alone: theta - lr * (1 + momentum) * g
-    np.testing.assert_allclose(new_params, params - 0.7 * 1.9 * 1e-3, atol=1e-6)
+    step = DEFAULT_OUTER_LR * (1 + DEFAULT_OUTER_MOMENTUM) * 1e-3
+    np.testing.assert_allclose(new_params, params - step, atol=1e-6)
     after = coordinator.status()
     assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == booked
 
