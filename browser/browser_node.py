@@ -13,22 +13,37 @@ import time
 from array import array
 from typing import Any
 
+from kernels.delta_apply import DEVICE_DELTA_CODECS, DeviceDeltaApply
+from kernels.device import Device, DeviceError
 from kernels.device_browser import BrowserDevice
 from kernels.sparseloco_codec import DeviceSparseLoCo
 from kernels.trainer import DeviceTrainer
 from shared import compress
 from shared.batches import ADAMW_BETAS, ADAMW_EPS, batch_starts
 from shared.model import GPTConfig
-from shared.node import Node, NodePort, Stopped, Work
+from shared.node import DELTA_STDLIB_MAX_BYTES, Node, NodePort, Stopped, Work
 from shared.swarm import Swarm
 
 try:
-    from pyodide.ffi import JsException, to_js
+    from pyodide.ffi import JsException, can_run_sync, run_sync, to_js
 except ImportError:  # plain CPython: tests drive the node with a Python bridge, which takes Python values
     JsException = RuntimeError  # type: ignore[misc,assignment]
 
     def to_js(value: Any) -> Any:
         return value
+
+    def can_run_sync() -> bool:
+        return True  # for devices whose reads never suspend (kernels.device_wgpu): see run_sync
+
+    def run_sync(awaitable: Any) -> Any:
+        """The awaitable's result, driven here: only for one that never suspends (wgpu-py reads block)."""
+        step = awaitable.__await__()
+        try:
+            step.send(None)
+        except StopIteration as done:
+            return done.value
+        step.close()
+        raise RuntimeError("this awaitable suspends: outside Pyodide only non-suspending device reads can run sync")
 
 
 PROGRESS_INTERVAL_S = 0.5  # inner steps are submitted in groups that take about this long, then reported
@@ -65,6 +80,7 @@ class BrowserPort(NodePort):
         self.feedback: compress.ErrorFeedback | None = None  # what a lossy codec left out, sent next round
         self.device_feedback: DeviceSparseLoCo | None = None  # sparseloco's encoder, its residual on the GPU
         self.swarm: Swarm | None = None  # the node's peer links, set by BrowserNode
+        self.delta_apply: DeviceDeltaApply | None = None  # made on the first delta the GPU applies
 
     # identity and links: the page's WebCrypto key, socket and data channel
     async def sign(self, data: bytes) -> str:
@@ -189,6 +205,34 @@ class BrowserPort(NodePort):
             self.feedback = None  # the residual went out in full
         return payload
 
+    # the round's model from a delta: on the GPU for DEVICE_DELTA_CODECS at any size, else NodePort's stdlib path
+    def _gpu_applies_deltas(self) -> bool:
+        """Whether apply_delta can use the GPU: a real device, and a call stack that can wait for its readback
+        (NodePort.apply_delta is synchronous; Pyodide's run_sync needs JS Promise integration, Chromium's JSPI)."""
+        return isinstance(self.device, Device) and can_run_sync()
+
+    def applies_delta(self, model: Any) -> bool:
+        """Any size when the GPU can apply deltas (the codec is known only in apply_delta, which declines one the
+        GPU cannot do above DELTA_STDLIB_MAX_BYTES), else NodePort's limit."""
+        return isinstance(model, bytes) and (len(model) <= DELTA_STDLIB_MAX_BYTES or self._gpu_applies_deltas())
+
+    def apply_delta(self, model: Any, codec: compress.CodecSpec, data: bytes) -> tuple[Any, bytes] | None:
+        """fp32 and int8 on the GPU, bit for bit compress.apply_delta's bytes (kernels/apply_delta.wgsl); other codecs,
+        and values that are not finite, on the CPU up to DELTA_STDLIB_MAX_BYTES; None above it (then the node
+        fetches the snapshot)."""
+        if isinstance(model, bytes) and codec.name in DEVICE_DELTA_CODECS and self._gpu_applies_deltas():
+            if self.delta_apply is None:
+                kernels = getattr(self.trainer, "kernels", None)  # the trainer's compiled pipelines, when it has some
+                self.delta_apply = DeviceDeltaApply(self.device, kernels)
+            try:
+                new = run_sync(self.delta_apply.apply(model, codec, data))  # CodecError as compress.decode raises it
+            except (DeviceError, JsException) as e:  # a lost device: the CPU path, or the snapshot, instead
+                self.report("notice", message=f"the GPU could not apply the delta ({e}); trying without it")
+                new = None
+            if new is not None:
+                return new, new
+        return super().apply_delta(model, codec, data)
+
     async def _residual_to_cpu(self) -> None:
         """Move sparseloco's GPU residual into `feedback`, for a CPU codec to carry on with."""
         if self.device_feedback is not None:
@@ -202,11 +246,13 @@ class BrowserPort(NodePort):
 
 class BrowserNode:
     """One browser tab as a training node, as browser/node.js drives it. `bridge` is node.js's Bridge; `adapter`
-    and `gpu_device` its WebGPU adapter and device. `transport` is "auto", "webrtc" or "websocket"."""
+    and `gpu_device` its WebGPU adapter and device. `transport` is "auto", "webrtc" or "websocket". `name` and
+    `team` are what the page's user chose to be shown as (shared.wire.check_display_name), signed in the Hello."""
 
     def __init__(self, bridge: Any, node_id: str, adapter: Any, gpu_device: Any, agent: str = "",
-                 transport: str = "auto"):
+                 transport: str = "auto", name: str = "", team: str = ""):
         self.port = BrowserPort(bridge, BrowserDevice(adapter, gpu_device), agent[:200])
+        self.port.name, self.port.team = name, team
         self.node = Node(self.port, node_id, transport)
         self.port.swarm = self.node.swarm
 

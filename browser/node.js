@@ -10,6 +10,9 @@ const GPU_TIMEOUT_MS = 15000; // requestAdapter/requestDevice can stall on a bro
 const KEY_DB = "swarmgrad";
 const KEY_STORE = "keys";
 const KEY_NAME = "node-ed25519";
+const IDENTITY_FIELDS = ["name", "team"]; // the page's #name and #team, kept in localStorage as swarmgrad-<field>
+const MAX_DISPLAY_NAME = 40; // shared/wire.py's MAX_DISPLAY_NAME: a longer name is refused at the hello
+const RANK_REFRESH_MS = 10000;
 
 class WebGpuUnavailable extends Error {}
 
@@ -34,6 +37,7 @@ const state = {
   message: "", connection: "", round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
   updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
   adapter: null, balance: null, receipts: [],
+  rank: null, ranked: 0, // this node's place on /api/leaderboard, and how many nodes are on it
   models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes, hash, fromPeers,
   // fromCoordinator}
   peers: 0, bytesFromPeers: 0, bytesFromCoordinator: 0, // open peer links; the models' bytes, by where they came from
@@ -84,6 +88,7 @@ function render() {
   const rejected = state.updatesRejected ? ` (${state.updatesRejected} rejected)` : "";
   $("accepted").textContent = `${state.updatesAccepted}${rejected}`;
   $("balance").textContent = state.balance === null ? "-" : `${credits(state.balance)} credits`;
+  $("rank").textContent = state.rank === null ? "-" : `#${state.rank} of ${state.ranked}`;
   const body = document.querySelector("#receipts tbody");
   if (body.children.length !== state.receipts.length) {
     body.replaceChildren();
@@ -510,6 +515,45 @@ async function refinePath(pc) {
   }
 }
 
+// ---- name, team and rank -----------------------------------------------------------------------------------
+
+// What the Hello may carry (shared.wire.check_display_name): printable text, no outer spaces, at most
+// MAX_DISPLAY_NAME characters (code points, as Python counts them).
+function displayName(text) {
+  const printable = text.replace(/[\p{C}\p{Zl}\p{Zp}]|(?! )\p{Zs}/gu, "").trim();
+  return Array.from(printable).slice(0, MAX_DISPLAY_NAME).join("").trim();
+}
+
+function identity() {
+  const chosen = {};
+  for (const field of IDENTITY_FIELDS) {
+    chosen[field] = displayName($(field).value);
+    $(field).value = chosen[field];
+    localStorage.setItem(`swarmgrad-${field}`, chosen[field]);
+  }
+  return chosen;
+}
+
+for (const field of IDENTITY_FIELDS) {
+  $(field).value = localStorage.getItem(`swarmgrad-${field}`) || "";
+  $(field).addEventListener("change", identity);
+}
+
+async function refreshRank() {
+  if (state.nodeId !== null) {
+    try {
+      const board = await (await fetch("/api/leaderboard", { cache: "no-store" })).json();
+      const mine = board.nodes.find((n) => n.id === state.nodeId);
+      state.rank = mine ? mine.rank : null;
+      state.ranked = board.nodes.length;
+      render();
+    } catch (e) {
+      console.warn("no leaderboard for this node's rank", e);
+    }
+  }
+  setTimeout(refreshRank, RANK_REFRESH_MS);
+}
+
 async function contribute() {
   if (active || state.phase === "starting") return;
   $("contribute").disabled = true;
@@ -527,7 +571,8 @@ async function contribute() {
     const bridge = new Bridge(key, onReport);
     const browserName = navigator.userAgent.match(/(Chrome|Firefox|Safari|Edg)\/[\d.]+/)?.[0] || "unknown";
     const agent = `browser: ${browserName}, WebGPU ${description}`;
-    const node = nodeModule.BrowserNode(bridge, key.nodeId, adapter, device, agent, transport);
+    const { name, team } = identity();
+    const node = nodeModule.BrowserNode(bridge, key.nodeId, adapter, device, agent, transport, name, team);
     bridge.node = node;
     active = { bridge, node, pyodide };
     await initialValLoss();
@@ -623,3 +668,4 @@ $("contribute").addEventListener("click", contribute);
 $("stop").addEventListener("click", stop);
 window.addEventListener("resize", render);
 render();
+refreshRank();

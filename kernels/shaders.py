@@ -15,6 +15,7 @@ SHADER_DIR = Path(__file__).resolve().parent
 
 SHADER_FILES = (
     "adamw.wgsl",
+    "apply_delta.wgsl",
     "attention.wgsl",
     "cross_entropy.wgsl",
     "embedding.wgsl",

@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server.options import CODEC_HELP, codec_option, int_at_least, listen_option, share_option
+from server.options import (CODEC_HELP, codec_option, display_name_option, int_at_least, listen_option,
+                            share_option)
 
 COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
 TURN_PASSWORD_ENV = "SWARMGRAD_TURN_PASSWORD"
@@ -143,6 +144,11 @@ def trainer_parser() -> argparse.ArgumentParser:
                         "and fetch theirs from where they do the same: much faster than data channels, for "
                         "trainers that reach each other directly (a cluster, a LAN). HOST is told to peers: an "
                         "address they reach. Default: data channels only")
+    p.add_argument("--name", type=display_name_option, default="", metavar="NAME",
+                   help="the name this node is shown under on the leaderboard (/leaderboard), signed with its key: "
+                        "at most 40 printable characters (default: none, shown by its id)")
+    p.add_argument("--team", type=display_name_option, default="", metavar="TEAM",
+                   help="the team whose total this node's credits count towards on the leaderboard; same limits")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -205,7 +211,8 @@ def trainer(argv: list[str]) -> int:
     from shared.node import Refused
 
     options = TrainerOptions(args.coordinator, args.device, args.max_rounds, args.ice_host, args.transport,
-                             args.key_file, not args.no_progress, args.ice_relay_only, args.listen)
+                             args.key_file, not args.no_progress, args.ice_relay_only, args.listen,
+                             args.name, args.team)
     try:
         configure_ice(options)
         node = Trainer(options)

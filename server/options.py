@@ -59,3 +59,14 @@ def listen_option(text: str) -> tuple[str, int]:
         return parse_listen(text)
     except ListenError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def display_name_option(text: str) -> str:
+    """An argparse type: the trainer's --name or --team, as a Hello carries it (shared.wire.check_display_name)."""
+    from shared.wire import FieldError, check_display_name
+
+    try:
+        check_display_name(text, "the value")
+    except FieldError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -47,6 +47,8 @@ class TrainerOptions:
     progress: bool = True
     ice_relay_only: bool = False  # TURN relay candidates only
     listen: tuple[str, int] | None = None  # serve held blobs to peers over HTTP here (--listen HOST:PORT)
+    name: str = ""  # shown on the leaderboard, signed in the Hello (--name)
+    team: str = ""  # the team it counts for there (--team)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -188,6 +190,7 @@ class Trainer:
         ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, "/ws", "", ""))
         self.port = TorchPort(ws_url, self.key, resolve_device(options.device),
                               urlunsplit((parts.scheme, parts.netloc, "", "", "")), Progress(options.progress))
+        self.port.name, self.port.team = options.name, options.team
         self.node = Node(self.port, self.key.node_id, options.transport, options.max_rounds)
         self.listen = options.listen
         self.blob_server = BlobServer(self.node.swarm.serve_direct)

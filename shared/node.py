@@ -112,6 +112,8 @@ class NodePort:
     kind = "trainer"  # or "browser": what the coordinator shows
     agent = ""  # software and device, shown on the dashboard
     blob_url = ""  # where this node serves its held blobs over HTTP (Swarm.serve_direct), told in its Hello; "" if not
+    name = ""  # the display name its owner chose, signed in its Hello (shared.wire.check_display_name); "" for none
+    team = ""  # the team it counts for on the leaderboard, likewise
     transient: tuple[type[BaseException], ...] = (OSError,)
 
     # identity
@@ -369,7 +371,7 @@ class Node:
             raise Disconnected(f"expected a challenge from the coordinator, got {challenge.TYPE}")
         self.coordinator_id = challenge.coordinator_id
         hello = Hello(self.node_id, self.port.kind, challenge.nonce, "0" * 128, agent=self.port.agent[:200],
-                      blob_url=self.port.blob_url)
+                      blob_url=self.port.blob_url, name=self.port.name, team=self.port.team)
         hello = dataclasses.replace(hello, signature=await self.port.sign(signing_bytes("hello",
                                                                                      hello.signing_fields())))
         await self.port.send_signal(hello.encode())

@@ -39,6 +39,7 @@ MAX_CONTROL_BURST = 200  # ... and at once (a round needs a handful; this only s
 MAX_PEERS = 64  # peer links the tracker may advise in one RoundOpen
 MAX_HAVE_NAMES = 900  # blob names in one Have: 64 hex and quotes each, well inside MAX_CONTROL_BYTES
 MAX_JSON_DEPTH = 32  # nested arrays and objects; our deepest message needs 4, and json.loads recurses per level
+MAX_DISPLAY_NAME = 40  # a node's chosen name or team (Hello.name, Hello.team), shown on the leaderboard
 MAX_BLOB_URL = 128  # a node's direct blob server (Hello.blob_url): http://HOST:PORT, nothing else
 # a name (or IPv4 address) or a bracketed IPv6 address, and a port; no user, path, query or fragment
 _BLOB_URL = re.compile(r"http://(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
@@ -118,6 +119,14 @@ def _hex(value: str, length: int, name: str) -> None:
     _need(len(value) == length and all(c in "0123456789abcdef" for c in value), f"{name} must be {length} hex chars")
 
 
+def check_display_name(value: str, what: str) -> None:
+    """Raise FieldError unless `value` may be shown as a node's name or team: at most MAX_DISPLAY_NAME characters of
+    printable text (no control characters, line breaks or other separators than the space), no outer spaces."""
+    _need(len(value) <= MAX_DISPLAY_NAME, f"{what} must be at most {MAX_DISPLAY_NAME} characters, got {len(value)}")
+    _need(value.isprintable(), f"{what} must be printable text: no control characters or line breaks")
+    _need(value == value.strip(), f"{what} must not start or end with a space")
+
+
 def check_blob_url(url: str, name: str = "blob_url") -> None:
     """Raise FieldError unless `url` is where a node serves its blobs directly: `http://HOST:PORT` (HOST a name, an
     IPv4 address or a bracketed IPv6 address; PORT 1-65535), at most MAX_BLOB_URL characters. It comes from another
@@ -158,6 +167,10 @@ class Hello(Message):
     # where this node serves the blobs it holds over plain HTTP (GET /blobs/{sha256}; a trainer's --listen), for the
     # peers the tracker links it to; "" when it serves them only over its peer links
     blob_url: str = ""
+    # the display name and team its owner chose (check_display_name); "" for none. Signed, so that nobody else can
+    # put them on this node or take them off it
+    name: str = ""
+    team: str = ""
 
     def check(self):
         _hex(self.node_id, 64, "node_id")
@@ -167,9 +180,15 @@ class Hello(Message):
         _need(len(self.agent) <= 200, "agent must be at most 200 characters")
         if self.blob_url:
             check_blob_url(self.blob_url)
+        check_display_name(self.name, "name")
+        check_display_name(self.team, "team")
 
     def signing_fields(self) -> dict:
-        return {"node_id": self.node_id, "kind": self.kind, "nonce": self.nonce}
+        # name and team only when set, so that a hello from a node that has neither (or predates them) signs the
+        # same bytes as before
+        fields = {"node_id": self.node_id, "kind": self.kind, "nonce": self.nonce}
+        fields.update({k: v for k, v in (("name", self.name), ("team", self.team)) if v})
+        return fields
 
 
 @message("welcome")

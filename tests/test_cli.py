@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from server.cli import format_status, serve_parser, trainer_parser
 from tests.conftest import ROOT
 
@@ -76,3 +78,13 @@ def test_format_status_shows_each_round_and_node():
     assert any(line.split() == ["1", "2.5000", "2", "1", "2,048"] for line in lines)
     assert any(line.split()[1:] == ["trainer", "training", "webrtc", "1", "1,234", "88%", "3", "10", "2.500000"]
                for line in lines)
+
+
+def test_trainer_name_and_team_parse_and_a_bad_one_is_refused(capsys):
+    args = trainer_parser().parse_args(["--coordinator", "http://h:1", "--name", "Ada's GPU", "--team", "Lab 7"])
+    assert (args.name, args.team) == ("Ada's GPU", "Lab 7")
+    assert trainer_parser().parse_args(["--coordinator", "http://h:1"]).name == ""
+    for bad in ("x" * 41, "tab\there", " padded"):
+        with pytest.raises(SystemExit):
+            trainer_parser().parse_args(["--coordinator", "http://h:1", "--name", bad])
+    assert "--name: " in capsys.readouterr().err

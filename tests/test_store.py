@@ -141,3 +141,39 @@ def test_a_read_only_store_creates_and_writes_nothing(tmp_path):
     assert [r.round for r in audit.rounds()] == [1] and len(audit.updates()) == 1
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         audit.set_meta("job", {"model": "tiny"})
+
+
+OLD_NODES = """
+CREATE TABLE nodes (id TEXT PRIMARY KEY, kind TEXT NOT NULL, agent TEXT NOT NULL DEFAULT '', first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL, updates_accepted INTEGER NOT NULL DEFAULT 0, updates_rejected INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0, last_path TEXT);
+INSERT INTO nodes (id, kind, first_seen, last_seen) VALUES ('n1', 'trainer', 1.0, 2.0);
+"""
+
+
+def test_an_older_nodes_table_gains_name_and_team_and_a_hello_sets_them(tmp_path):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_NODES)
+    audit = Store(path, read_only=True)
+    assert [(n["id"], n["name"], n["team"]) for n in audit.nodes()] == [("n1", "", "")]  # read nameless
+    assert audit.team_contributed_rounds() == {}
+    audit.close()
+
+    store = Store(path)
+    assert [(n["id"], n["name"], n["team"]) for n in store.nodes()] == [("n1", "", "")]
+    store.touch_node("n1", "trainer", "torch", name="Ada", team="Lab 7")
+    assert [(n["name"], n["team"]) for n in store.nodes()] == [("Ada", "Lab 7")]
+    store.touch_node("n1", "trainer", "torch")  # a later hello without them clears them: only the signed hello counts
+    assert [(n["name"], n["team"]) for n in store.nodes()] == [("", "")]
+
+
+def test_contributed_rounds_count_rounds_with_an_accepted_update_per_node_and_team(tmp_path):
+    store = Store(tmp_path / "state.db")
+    store.touch_node("n1", "trainer", team="Lab")
+    store.touch_node("n2", "trainer", team="Lab")
+    store.touch_node("n3", "browser")
+    store.commit_round(record(1), [update(0, "n1"), update(0, "n2"), update(0, "n3", accepted=False)])
+    store.commit_round(record(2), [update(1, "n2"), update(1, "n3")])
+    assert store.contributed_rounds() == {"n1": 1, "n2": 2, "n3": 1}
+    assert store.team_contributed_rounds() == {"Lab": 2}

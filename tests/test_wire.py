@@ -391,3 +391,32 @@ def test_an_sdp_may_be_longer_than_other_strings_up_to_its_own_limit():
     assert decode_message(Sdp("a" * 64, "b" * 64, "offer", long_sdp).encode()).sdp == long_sdp
     with pytest.raises(FieldError):
         decode_message(json.dumps({"v": 1, "type": "error", "code": "x", "message": "m" * (MAX_STRING + 1)}))
+
+
+def test_a_hello_carries_a_name_and_team_and_signs_them_only_when_set():
+    named = Hello("a" * 64, "trainer", "b" * 64, "c" * 128, name="Ada's GPU, \"one\"", team="Lab 7 \u00e9\U0001f600")
+    assert decode_message(named.encode()) == named
+    assert named.signing_fields() == {"node_id": "a" * 64, "kind": "trainer", "nonce": "b" * 64,
+                                      "name": "Ada's GPU, \"one\"", "team": "Lab 7 \u00e9\U0001f600"}
+    # without them a hello signs what it signed before they existed, so an older node's hello still verifies
+    assert Hello("a" * 64, "trainer", "b" * 64, "c" * 128).signing_fields() == {
+        "node_id": "a" * 64, "kind": "trainer", "nonce": "b" * 64}
+    assert dataclasses.replace(named, name="Mallory").signing_fields() != named.signing_fields()
+
+
+@pytest.mark.parametrize("field", ["name", "team"])
+@pytest.mark.parametrize("value", ["x" * (wire.MAX_DISPLAY_NAME + 1), "line\nbreak", "tab\there", "bell\x07",
+                                   " leading", "trailing ", "nbsp\u00a0inside", "rtl\u202eoverride"])
+def test_a_name_or_team_that_is_too_long_or_not_printable_text_is_refused(field, value):
+    hello = Hello("a" * 64, "trainer", "b" * 64, "c" * 128).to_dict()
+    with pytest.raises(FieldError, match=field):
+        decode_message(json.dumps({**hello, field: value}))
+    assert decode_message(json.dumps({**hello, field: "x" * wire.MAX_DISPLAY_NAME})).to_dict()[field] == "x" * 40
+
+
+def test_the_contributor_page_bounds_a_name_as_the_wire_does():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "browser" / "node.js").read_text()
+    assert re.search(r"const MAX_DISPLAY_NAME = (\d+);", page).group(1) == str(wire.MAX_DISPLAY_NAME)

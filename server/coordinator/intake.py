@@ -78,6 +78,8 @@ class NodeSession:
     agent: str = ""
     link: Link | None = None
     blob_url: str = ""  # where it serves its blobs over HTTP (Hello.blob_url), for its peers; "" when it does not
+    name: str = ""  # the display name and team its signed Hello carried; "" for none
+    team: str = ""
     state: str = "connecting"  # connecting -> ready -> training -> submitted; left
     connected_at: float = field(default_factory=time.time)
     # closes every link of this node (set by the transport): a removed node must not keep a socket to talk on
@@ -164,7 +166,7 @@ class Intake:
         if old is not None and old is not session:
             old.state = "left"  # a reconnect replaces the old session; its link is dead or about to be
         self.sessions[session.node_id] = session
-        self.coordinator.store.touch_node(session.node_id, session.kind, session.agent)
+        self.coordinator.store.touch_node(session.node_id, session.kind, session.agent, session.name, session.team)
 
     def detach(self, session: NodeSession) -> None:
         session.state = "left"  # whatever it sends from now on is dropped (see heard)

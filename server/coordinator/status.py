@@ -22,7 +22,8 @@ def status(coordinator: Coordinator) -> dict:
         if node_id in c.policy.quarantined:
             state = "quarantined"
         traffic = intake.traffic.get(node_id)
-        nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "state": state,
+        nodes.append({"id": node_id, "kind": n["kind"], "agent": n["agent"], "name": n["name"], "team": n["team"],
+                      "state": state,
                       "path": live.link.path if live and live.link else None, "last_path": n["last_path"],
                       "updates_accepted": n["updates_accepted"], "updates_rejected": n["updates_rejected"],
                       "tokens": n["tokens"], "last_seen": n["last_seen"],

@@ -25,7 +25,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     updates_accepted INTEGER NOT NULL DEFAULT 0,
     updates_rejected INTEGER NOT NULL DEFAULT 0,
     tokens INTEGER NOT NULL DEFAULT 0,
-    last_path TEXT
+    last_path TEXT,
+    name TEXT NOT NULL DEFAULT '',
+    team TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -90,8 +92,10 @@ CREATE TABLE IF NOT EXISTS votes (
 """
 
 # Columns added after the first release, declared as in SCHEMA; an older database gains them when opened.
-# Rows written before then keep the defaults: unsigned rounds, and updates whose rewards cannot be recomputed.
+# Rows written before then keep the defaults: unsigned rounds, updates whose rewards cannot be recomputed, and
+# nodes without a display name or team until they next say hello.
 ADDED_COLUMNS = {
+    "nodes": (("name", "TEXT NOT NULL DEFAULT ''"), ("team", "TEXT NOT NULL DEFAULT ''")),
     "rounds": (("signature", "TEXT NOT NULL DEFAULT ''"), ("bytes_sent", "INTEGER NOT NULL DEFAULT 0")),
     "updates": (("quality_ppm", "INTEGER NOT NULL DEFAULT 0"), ("aggregated", "INTEGER NOT NULL DEFAULT 0"),
                 ("committed_round", "INTEGER")),
@@ -202,13 +206,16 @@ class Store:
 
     # -- nodes -------------------------------------------------------------------------------------------
 
-    def touch_node(self, node_id: str, kind: str, agent: str = "") -> None:
+    def touch_node(self, node_id: str, kind: str, agent: str = "", name: str = "", team: str = "") -> None:
+        """A node said hello: record it, or its new session. `name` and `team` are those its latest (signed) hello
+        carried, so a node that leaves them out clears them."""
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT INTO nodes (id, kind, agent, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, agent = excluded.agent",
-                (node_id, kind, agent, now, now),
+                "INSERT INTO nodes (id, kind, agent, first_seen, last_seen, name, team) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET last_seen = excluded.last_seen, agent = excluded.agent, "
+                "name = excluded.name, team = excluded.team",
+                (node_id, kind, agent, now, now, name, team),
             )
 
     def set_node_path(self, node_id: str, path: str) -> None:
@@ -222,13 +229,30 @@ class Store:
             return self._db.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
 
     def nodes(self) -> list[dict]:
+        """Every node ever admitted, oldest first. A read-only store of an older database reads them nameless."""
+        named = "nodes" not in self._missing
         with self._lock:
             cur = self._db.execute(
-                "SELECT id, kind, agent, first_seen, last_seen, updates_accepted, updates_rejected, tokens, last_path "
-                "FROM nodes ORDER BY first_seen"
+                "SELECT id, kind, agent, first_seen, last_seen, updates_accepted, updates_rejected, tokens, last_path, "
+                + ("name, team" if named else "'' AS name, '' AS team") + " FROM nodes ORDER BY first_seen"
             )
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def contributed_rounds(self) -> dict[str, int]:
+        """Per node: how many rounds it had an update accepted for (nodes without one are left out)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT node_id, COUNT(DISTINCT round) FROM updates WHERE accepted = 1 "
+                                         "GROUP BY node_id").fetchall())
+
+    def team_contributed_rounds(self) -> dict[str, int]:
+        """Per team (nodes' current team, "" left out): how many rounds any member had an update accepted for."""
+        if "nodes" in self._missing:  # a read-only store of an older database: no teams
+            return {}
+        with self._lock:
+            return dict(self._db.execute(
+                "SELECT nodes.team, COUNT(DISTINCT updates.round) FROM updates JOIN nodes ON nodes.id = updates.node_id "
+                "WHERE updates.accepted = 1 AND nodes.team != '' GROUP BY nodes.team").fetchall())
 
     # -- rounds ------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 from server.net.bundle import BundleCache, bundle_endpoint
 from server.coordinator import Coordinator
+from server.coordinator.leaderboard import leaderboard as leaderboard_view, to_csv
 from shared.governance import NotEligibleError, Proposal, Vote
 from server.net.signaling import SignalingServer
 from shared.wire import LimitExceeded, WireError, parse_json
@@ -64,6 +65,23 @@ def create_app(coordinator: Coordinator) -> Starlette:
 
     async def status(request: Request) -> Response:
         return JSONResponse(coordinator.status())
+
+    async def leaderboard_page(request: Request) -> Response:
+        return FileResponse(BROWSER_DIR / "leaderboard.html")
+
+    async def leaderboard(request: Request) -> Response:
+        """Nodes and teams ranked by credits (server/coordinator/leaderboard.py). ?format=csv gives one table as
+        CSV, the nodes or (?table=teams) the teams."""
+        fmt, table = request.query_params.get("format", "json"), request.query_params.get("table", "nodes")
+        if fmt not in ("json", "csv"):
+            return refusal("bad_query", f"format must be json or csv, got {fmt[:40]!r}")
+        if table not in ("nodes", "teams"):
+            return refusal("bad_query", f"table must be nodes or teams, got {table[:40]!r}")
+        board = leaderboard_view(coordinator)
+        if fmt == "json":
+            return JSONResponse(board)
+        return Response(to_csv(board, table), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="swarmgrad-{table}.csv"'})
 
     async def governance(request: Request) -> Response:
         return JSONResponse(coordinator.governor.describe())
@@ -147,7 +165,9 @@ def create_app(coordinator: Coordinator) -> Starlette:
     routes = [
         Route("/", index),
         Route("/dashboard", dashboard),
+        Route("/leaderboard", leaderboard_page),
         Route("/api/status", status),
+        Route("/api/leaderboard", leaderboard),
         Route("/api/shards/{index}", shard),
         Route("/api/blobs/{sha256}", blob),
         Route("/api/governance", governance),

@@ -154,7 +154,8 @@ class SignalingServer:
         old = self.sockets.get(hello.node_id)
         if old is not None:
             await self._fail(old, "replaced", "this node connected again from elsewhere")
-        session = NodeSession(hello.node_id, hello.kind, hello.agent, blob_url=hello.blob_url)
+        session = NodeSession(hello.node_id, hello.kind, hello.agent, blob_url=hello.blob_url, name=hello.name,
+                              team=hello.team)
         session.disconnect = lambda: self._disconnect(ws, session)
         try:
             self.sockets[hello.node_id] = ws
