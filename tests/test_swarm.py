@@ -152,6 +152,9 @@ def test_the_tracker_links_each_pair_once_into_a_mesh_a_few_hops_across(n):
     assert sorted(a.seed_slot for a in advice.values()) == list(range(n))
     assert {a.seed_slots for a in advice.values()} == {n}
     assert advise(ids, 4) == advise(list(reversed(ids)), 4)  # the ring does not depend on arrival order
+    turned = advise(ids, 4, rotation=3)  # the next rounds: the same links, the seed slots turned along the ring
+    assert all(turned[x].peers == advice[x].peers and turned[x].seed_slot == (advice[x].seed_slot + 3) % n
+               for x in ids)
 
 
 def test_a_few_nodes_all_link_to_each_other_and_no_peers_is_the_star():

@@ -171,7 +171,7 @@ class Coordinator:
             rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config(),
                             bytes_sent_before=self.bytes_sent())
             self.intake.opened(rnd)
-            rnd.advice = advise([s.node_id for s in self.intake.ready_sessions()], self.peers)
+            rnd.advice = advise([s.node_id for s in self.intake.ready_sessions()], self.peers, rnd.round)
             self.open_round = rnd
             # logs count rounds as status does: round N is the one whose commit completes N rounds
             log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round + 1,

@@ -249,7 +249,7 @@ class Intake:
             ids = [s.node_id for s in self.ready_sessions()] + [session.node_id]
             # the chunks stay split as the round opened, or finer when fewer nodes were there to seed them then
             slots = max(next(iter(rnd.advice.values())).seed_slots if rnd.advice else 1, len(set(ids)))
-            advice = advise_joiner(ids, session.node_id, c.peers, slots)
+            advice = advise_joiner(ids, session.node_id, c.peers, slots, rnd.round)
         msg = RoundOpen(rnd.round, c.model.hash, c.model_signature(rnd.round, c.model.hash), rnd.config, shard,
                         rnd.deadline, c.blobs.manifest_of(c.model.hash), c.blobs.delta_of(c.model.hash),
                         list(advice.peers), advice.seed_slot, advice.seed_slots,

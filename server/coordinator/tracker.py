@@ -32,8 +32,10 @@ def _ring(node_ids: list[str]) -> list[str]:
                                                 .digest(), n))
 
 
-def advise(node_ids: list[str], peers: int) -> dict[str, Advice]:
-    """Every node's advice for a round among `node_ids`, for about `peers` links per node (0: the star)."""
+def advise(node_ids: list[str], peers: int, rotation: int = 0) -> dict[str, Advice]:
+    """Every node's advice for a round among `node_ids`, for about `peers` links per node (0: the star). The seed
+    slots turn by `rotation` (the round number) along the ring, so that no node seeds the same chunks every round: a
+    one-chunk delta would otherwise come from the coordinator to the same node each time."""
     ring = _ring(node_ids)
     n = len(ring)
     if peers <= 0 or n < 2:
@@ -61,14 +63,14 @@ def advise(node_ids: list[str], peers: int) -> dict[str, Advice]:
             for c in range(reach - 1):
                 digest = hashlib.sha256(f"{node_id}:{c}".encode()).digest()
                 dial(i, (i + 2 + int.from_bytes(digest[:8], "big") % (n - 3)) % n)
-    return {ring[i]: Advice(tuple(ring[j] for j in dials[i]), i, n) for i in range(n)}
+    return {ring[i]: Advice(tuple(ring[j] for j in dials[i]), (i + rotation) % n, n) for i in range(n)}
 
 
-def advise_joiner(node_ids: list[str], joiner: str, peers: int, seed_slots: int) -> Advice:
+def advise_joiner(node_ids: list[str], joiner: str, peers: int, seed_slots: int, rotation: int = 0) -> Advice:
     """The advice of a node that joins while a round is open, among `node_ids` (itself included): the others got
     theirs when the round opened, so it dials every node it would link to itself, those that would have dialed it
     too, and it takes a slot of the round's `seed_slots` (those the others split the chunks into)."""
-    advice = advise(node_ids, peers)
+    advice = advise(node_ids, peers, rotation)
     own = advice[joiner]
     dialing_it = tuple(n for n, a in advice.items() if joiner in a.peers)
     slots = max(1, seed_slots)

@@ -774,17 +774,18 @@ class Network:
             reports.append(self._round(r, self._churn() if r > 1 else []))
         return reports
 
-    def _advice(self, joiners: list[ModelNode]) -> dict:
-        """What the coordinator advises each node this round: the round opens among the nodes that were there
-        (Coordinator.run: advise), and each newcomer joins the open round right after, one after another
-        (Intake.assign: advise_joiner among the nodes there by then, with the round's seed slots)."""
+    def _advice(self, joiners: list[ModelNode], r: int) -> dict:
+        """What the coordinator advises each node in round r: the round opens among the nodes that were there
+        (Coordinator.run: advise, the seed slots turned by the round), and each newcomer joins the open round right
+        after, one after another (Intake.assign: advise_joiner among the nodes there by then, with the round's seed
+        slots, or as many as there are nodes by then when that is more)."""
         new = {n.id for n in joiners}
         here = [node_id for node_id in self.nodes if node_id not in new]
-        advice = advise(here, self.options.peers)
-        slots = next(iter(advice.values())).seed_slots if advice else 1
+        advice = advise(here, self.options.peers, r)
+        opened = next(iter(advice.values())).seed_slots if advice else 1
         for joiner in joiners:
             here.append(joiner.id)
-            advice[joiner.id] = advise_joiner(here, joiner.id, self.options.peers, slots)
+            advice[joiner.id] = advise_joiner(here, joiner.id, self.options.peers, max(opened, len(set(here))), r)
         return advice
 
     def _round(self, r: int, joiners: list[ModelNode]) -> RoundReport:
@@ -799,7 +800,7 @@ class Network:
         nodes = list(self.nodes.values())
         for node in nodes:
             node.reset()
-        for node_id, advice in self._advice(joiners).items():
+        for node_id, advice in self._advice(joiners, r).items():
             node = self.nodes[node_id]
             self.at(self.now + node.path(None), node.round_open, r, advice)
         self._run_until(lambda: self._updates_in == len(nodes))
