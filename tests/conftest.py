@@ -133,6 +133,18 @@ sys.exit(main())
 """
 
 
+# `python -c` program: `python -m server ARGS` whose mesh waits this long on peers before it asks the coordinator for a
+# chunk (shared/swarm.py PEER_WAIT_S): a test that asserts chunks came from peers cannot then see a slow machine's
+# fallback instead
+PATIENT_PEERS = """
+import sys
+import shared.swarm
+shared.swarm.PEER_WAIT_S = {seconds!r}
+from server.cli import main
+sys.exit(main())
+"""
+
+
 @pytest.fixture
 def processes(tmp_path, request):
     """Start processes through this; all are stopped after the test, and their logs printed if it failed."""
@@ -145,15 +157,19 @@ def processes(tmp_path, request):
             return c
 
         def trainer(self, coordinator_url: str, *extra: str, progress: bool = False,
-                    min_step_seconds: float = 0.0, env: dict | None = None, program: str | None = None) -> Process:
+                    min_step_seconds: float = 0.0, env: dict | None = None, program: str | None = None,
+                    peer_wait_seconds: float | None = None) -> Process:
             """A `python -m server trainer`. progress keeps its per-round lines (loss, H, balance) in its log;
             min_step_seconds makes every optimizer step of this process take at least that long (a sleep before
             each step), so that a test can have a slow node by construction, on a machine of any speed. `program`
             runs the trainer through a `python -c` program instead (one that changes a behaviour, then calls
-            server.cli.main), for a hostile node."""
+            server.cli.main), for a hostile node; peer_wait_seconds sets how long its mesh waits on peers before
+            it asks the coordinator (so that a test of what peers delivered holds on a machine of any speed)."""
             args = ["trainer", "--coordinator", coordinator_url, *([] if progress else ["--no-progress"]), *extra]
             if program is not None:
                 args = ["-c", program, *args]
+            elif peer_wait_seconds is not None:
+                args = ["-c", PATIENT_PEERS.format(seconds=float(peer_wait_seconds)), *args]
             elif min_step_seconds > 0:
                 args = ["-c", SLOW_STEPS.format(seconds=float(min_step_seconds)), *args]
             else:

@@ -81,7 +81,8 @@ def test_trainers_that_listen_fetch_chunks_from_each_other_over_http(processes, 
     coordinator = processes.coordinator("--inner-steps", "2", "--batch", "4", "--rounds", "3", "--verify-share", "0",
                                         "--peers", "3", "--deadline-seconds", "120", "--delta-codec", "fp32")
     coordinator.wait_ready()
-    trainers = [processes.trainer(coordinator.url, "--log-level", "INFO", "--listen", "127.0.0.1:0")
+    trainers = [processes.trainer(coordinator.url, "--log-level", "INFO", "--listen", "127.0.0.1:0",
+                                  peer_wait_seconds=300)
                 for _ in range(3)]
     for t in trainers:
         assert t.wait(300) == 0, t.output()

@@ -37,7 +37,8 @@ def test_trainers_fetch_chunks_from_each_other_and_hold_the_coordinators_model(p
     coordinator = processes.coordinator("--inner-steps", "6", "--batch", "8", "--rounds", "3", "--verify-share", "0",
                                         "--peers", "3", "--deadline-seconds", "120", "--delta-codec", "fp32")
     coordinator.wait_ready()
-    trainers = [processes.trainer(coordinator.url, "--log-level", "INFO") for _ in range(3)]
+    # patient peers: every chunk has a seed that offers it, so none may come from the coordinator by a timeout
+    trainers = [processes.trainer(coordinator.url, "--log-level", "INFO", peer_wait_seconds=300) for _ in range(3)]
     for t in trainers:
         assert t.wait(300) == 0, t.output()
     final = coordinator.wait_for(lambda s: s["state"] == "finished", 30, "the job to finish")
