@@ -37,10 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_coordinator(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_coordinator(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A coordinator on 127.0.0.1 (extra: more `python -m server` options) and its URL, once it answers."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--data-dir", str(data_dir),
-                             "--log-level", "WARNING"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--log-level", "WARNING", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -1,7 +1,9 @@
 """The browser node, run by Pyodide: shared/node.py's protocol with the page's WebGPU doing the work.
 
-JS (browser/node.js) owns the UI, the sockets, WebRTC, WebCrypto and the GPUDevice and lends them through `bridge`;
-this driver (BrowserPort) only connects them to the Node. Never put round logic here: it belongs to shared/node.py.
+JS lends the links, WebCrypto and the GPUDevice through `bridge`: browser/node_worker.js, the module Web Worker this
+runs in, holds the signaling socket, the key and the GPUDevice, and reaches the page's data channels (browser/node.js)
+by postMessage. This driver (BrowserPort) only connects them to the Node. Never put round logic here: it belongs to
+shared/node.py.
 Never touch tensor or payload bytes one element at a time here: bulk math runs in WGSL, bytes move as buffers.
 """
 
@@ -21,8 +23,9 @@ from kernels.trainer import DeviceTrainer
 from shared import compress
 from shared.batches import ADAMW_BETAS, ADAMW_EPS, batch_starts
 from shared.model import GPTConfig
-from shared.node import DELTA_STDLIB_MAX_BYTES, Node, NodePort, Stopped, Work
+from shared.node import DELTA_STDLIB_MAX_BYTES, Node, NodePort, Work
 from shared.swarm import Swarm
+from shared.tokens import read_tokens
 
 try:
     from pyodide.ffi import JsException, can_run_sync, run_sync, to_js
@@ -49,8 +52,9 @@ except ImportError:  # plain CPython: tests drive the node with a Python bridge,
 PROGRESS_INTERVAL_S = 0.5  # inner steps are submitted in groups that take about this long, then reported
 
 
-def batches_at(shard: bytes, schedule: list, seq_len: int) -> list[tuple[bytes, bytes]]:
-    """The (tokens, targets) of each step of a batch_starts schedule: B*T bytes each, row-major."""
+def batches_at(shard: bytes | array, schedule: list, seq_len: int) -> list[tuple[bytes, bytes]]:
+    """The (tokens, targets) of each step of a batch_starts schedule: B*T ids each, row-major, packed as the shard
+    packs them (one byte each, or uint16 for a BPE job: shared.tokens.read_tokens)."""
     return [(b"".join(shard[s : s + seq_len] for s in starts), b"".join(shard[s + 1 : s + seq_len + 1] for s in starts))
             for starts in schedule]
 
@@ -141,8 +145,9 @@ class BrowserPort(NodePort):
         if cfg != self.cfg:
             self.cfg, self.trainer, self.feedback, self.device_feedback = cfg, None, None, None
 
-    async def fetch_shard(self, index: int) -> bytes:
-        return js_bytes(await self.bridge.fetchBytes(f"/api/shards/{index}"))
+    async def fetch_shard(self, index: int) -> bytes | array:
+        """The shard's token ids (shared.tokens: bytes, or uint16 for a BPE job); batches_at slices them as they are."""
+        return read_tokens(js_bytes(await self.bridge.fetchBytes(f"/api/shards/{index}")), self.cfg.vocab_size)
 
     async def fetch_blob(self, name: str) -> bytes | None:
         try:
@@ -156,25 +161,29 @@ class BrowserPort(NodePort):
         return self.trainer
 
     async def train(self, node: Node, work: Work) -> list[float]:
-        """All inner steps, submitted in groups so the page hears of progress without a readback per step."""
+        """All inner steps, submitted in groups so the page hears of progress without a readback per step. After each
+        group (and before the first) the node may rest (the GPU share) or hold (paused): node.between_steps. Each
+        report gives the round's compute seconds so far and its wall seconds less pauses."""
         trainer = self._trainer(work.batch, work.model)
         trainer.load_params(work.model)
         trainer.reset_optimizer()  # every round from fresh AdamW moments, so that the coordinator can re-execute it
         batches = batches_at(work.shard, work.schedule, work.seq_len)
         losses: list[float] = []
-        group, started = 1, time.time()
+        group, started, compute = 1, time.time(), 0.0
+        await node.between_steps(work)  # Stopped, or RoundDropped after a pause; likewise after every group
         while len(losses) < len(batches):
-            if node.stopped:
-                raise Stopped("stopped")
             part = batches[len(losses) : len(losses) + group]
             group_started = time.time()
             losses += await trainer.train_steps(part, work.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                                 weight_decay=work.weight_decay, seq_len=work.seq_len)
             elapsed = time.time() - group_started
+            compute += elapsed
+            await node.between_steps(work, elapsed)  # the GPU share's rest follows the group it is for
+            wall, _ = node.training_time(started)
             rows = sum(len(tokens) for tokens, _ in batches[: len(losses)])
             self.report("steps", round=work.round, done=len(losses), total=len(batches),
                         losses=[x if math.isfinite(x) else None for x in losses[-len(part):]],
-                        tokens_per_s=rows / max(time.time() - started, 1e-9))
+                        tokens_per_s=rows / max(compute, 1e-9), compute_s=compute, wall_s=wall)
             if elapsed < PROGRESS_INTERVAL_S:
                 group *= 2
         return losses
@@ -245,8 +254,8 @@ class BrowserPort(NodePort):
 
 
 class BrowserNode:
-    """One browser tab as a training node, as browser/node.js drives it. `bridge` is node.js's Bridge; `adapter`
-    and `gpu_device` its WebGPU adapter and device. `transport` is "auto", "webrtc" or "websocket". `name` and
+    """One browser tab as a training node, as browser/node_worker.js drives it. `bridge` is that worker's Bridge;
+    `adapter` and `gpu_device` its WebGPU adapter and device. `transport` is "auto", "webrtc" or "websocket". `name` and
     `team` are what the page's user chose to be shown as (shared.wire.check_display_name), signed in the Hello."""
 
     def __init__(self, bridge: Any, node_id: str, adapter: Any, gpu_device: Any, agent: str = "",
@@ -283,3 +292,21 @@ class BrowserNode:
     def stop(self) -> None:
         """Leave cleanly at the next opportunity: a goodbye to the coordinator, then the links close."""
         self.node.stop()
+
+    # the page's controls: shared/node.py's, as written once for every node
+    def pause(self) -> None:
+        self.node.pause()
+
+    def resume(self) -> None:
+        self.node.resume()
+
+    def finish(self) -> None:
+        self.node.finish()
+
+    async def restore_receipts(self, coordinator_id: str, kept: str) -> None:
+        """The receipts the page kept (browser/local_store.js, as JSON), verified again and reported as on arrival."""
+        await self.node.restore_receipts(coordinator_id, json.loads(kept))
+
+    def set_share(self, share: float) -> None:
+        """The GPU share, 0.1 to 1 (the page's slider, in percent, over 100)."""
+        self.node.set_share(float(share))

@@ -225,11 +225,26 @@ function megabytes(bytes) {
   return `${((bytes ?? 0) / 1e6).toFixed(1)} MB`;
 }
 
+// The swarm at a glance: nodes online (connected, whatever they do), joining (no link up yet), paused by their users
+// (finishing ones count as online), and unreachable (online on the WebSocket fallback: no peer can dial them).
+function swarmCounts(nodes) {
+  const online = nodes.filter((n) => !["offline", "left", "quarantined"].includes(n.state));
+  return {
+    online: online.length,
+    joining: online.filter((n) => n.state === "connecting").length,
+    paused: online.filter((n) => n.state === "paused").length,
+    unreachable: online.filter((n) => n.path === "websocket").length,
+  };
+}
+
 function renderNodes(nodes) {
-  const order = { training: 0, submitted: 0, ready: 1, connecting: 2, quarantined: 3, offline: 4, left: 4 };
+  for (const [what, count] of Object.entries(swarmCounts(nodes))) setText(`swarm-${what}`, count);
+  const order = { training: 0, submitted: 0, finishing: 0, ready: 1, paused: 1, connecting: 2, quarantined: 3,
+    offline: 4, left: 4 };
   const sorted = [...nodes].sort((a, b) => (order[a.state] ?? 5) - (order[b.state] ?? 5) || a.id.localeCompare(b.id));
   fillTable("nodes", sorted, [
     [n => { const s = el("span", shortId(n.id), "mono"); s.title = n.id; return s; }],
+    [n => n.name || "-"], [n => n.team || "-"],
     [n => n.kind], [n => badge(n.state)], [n => n.path || "-"],
     [n => (n.tokens_per_second === null ? "-" : integer(Math.round(n.tokens_per_second))), "num"],
     [n => (n.utilisation === null || n.utilisation === undefined ? "-" : `${Math.round(100 * n.utilisation)}%`), "num"],

@@ -1,32 +1,25 @@
-// The browser node's JS half: the Contribute button, WebGPU, Pyodide, the node key, the sockets and the UI.
-// Python (browser_node.py, run by Pyodide) owns the protocol and the rounds; never decide protocol steps here.
-import { SEND_BUFFER_HIGH, SEND_BUFFER_LOW, hasTurnServer, iceGatheringComplete, linkPath, pathInWords, relayOnly,
+// The browser node's page half: the Contribute button, the UI, and the WebRTC data channels (RTCPeerConnection
+// exists only on the page). Pyodide, the GPU, the node key and the signaling socket run in node_worker.js, so that
+// training never blocks this thread. Python (browser_node.py, in the worker) owns the protocol: never decide protocol
+// steps here.
+import { SEND_BUFFER_LOW, hasTurnServer, iceGatheringComplete, linkPath, pathInWords, relayOnly, roundTripMs,
   rtcConfiguration, sendWhenRoom, setIceServers } from "./rtc.js";
 import { PeerLinks } from "./peers.js";
+import { keepReceipt, keptReceipts } from "./local_store.js";
+import { renderCards } from "./cards.js";
+import { LINK_EVENTS, PAGE_METHODS, Rpc, WORKER_METHODS, transferable } from "./node_worker.js";
 
-const PYODIDE_URL = "/pyodide/";
-const BUNDLE_URL = "/bundle.zip";
-const GPU_TIMEOUT_MS = 15000; // requestAdapter/requestDevice can stall on a broken driver: never wait forever
-const KEY_DB = "swarmgrad";
-const KEY_STORE = "keys";
-const KEY_NAME = "node-ed25519";
 const IDENTITY_FIELDS = ["name", "team"]; // the page's #name and #team, kept in localStorage as swarmgrad-<field>
 const MAX_DISPLAY_NAME = 40; // shared/wire.py's MAX_DISPLAY_NAME: a longer name is refused at the hello
 const RANK_REFRESH_MS = 10000;
+const RTT_REFRESH_MS = 5000;
+const CONTRIBUTING = "swarmgrad-contributing"; // localStorage: "1" while this tab contributes, so a reload rejoins
+const SHARE = "swarmgrad-gpu-share"; // localStorage: the GPU share slider, in percent
+const OPTIONS = ["pause-hidden", "pause-battery"]; // checkboxes kept in localStorage as swarmgrad-<id>, on by default
 
 class WebGpuUnavailable extends Error {}
 
 const $ = (id) => document.getElementById(id);
-const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-const unhex = (text) => new Uint8Array(text.match(/../g).map((h) => parseInt(h, 16)));
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what} did not answer within ${ms / 1000} s`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 // ---- what the page shows -----------------------------------------------------------------------------------
 
@@ -41,6 +34,16 @@ const state = {
   models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes, hash, fromPeers,
   // fromCoordinator}
   peers: 0, bytesFromPeers: 0, bytesFromCoordinator: 0, // open peer links; the models' bytes, by where they came from
+  mode: "active", // active | paused | finishing: the user's controls, as the node took them (shared/node.py)
+  pausedBy: null, // what paused the node when the page did: "hidden" (the tab) or "battery"; null for the user
+  share: 1, // the GPU share: compute time over the inner steps' wall time
+  computeS: 0, wallS: 0, // this round's inner steps so far: compute seconds, and wall seconds less pauses
+  rounds: [], // per trained round: {round, computeS, wallS, share}, as the node reported its inner steps; share is
+  // null for a round whose share changed while it ran
+  roundShare: 1, // the share the round in hand has run at throughout, or null
+  device: null, // adapterFacts(adapter)
+  rttMs: null, transport: "auto", // the round trip to the coordinator; ?transport=
+  rejoined: false, // this contribution resumed by itself after a reload
 };
 
 // A byte count as the page shows it: 1.2 MB, 340 kB, 512 B.
@@ -104,6 +107,17 @@ function render() {
     }
   }
   chart.draw(state.localLoss, state.valLoss);
+  renderControls();
+  renderCards(state);
+}
+
+// Which buttons a phase and mode offer: Contribute when no node runs; Pause or Resume, Finish and Stop while one does.
+function renderControls() {
+  const running = active !== null && ["connecting", "training"].includes(state.phase);
+  $("pause").hidden = !running || state.mode !== "active";
+  $("resume").hidden = !running || state.mode !== "paused";
+  $("finish").hidden = !running || state.mode === "finishing";
+  $("gpu-share-value").textContent = `${Math.round(100 * state.share)}%`;
 }
 
 // A two-series line chart on a canvas: local loss per inner step, global validation loss per round.
@@ -158,6 +172,8 @@ const WHAT_TO_DO = "To contribute from a browser, use a recent Chrome or Edge (v
   "hardware acceleration turned on; on Linux, enable WebGPU at chrome://flags/#enable-unsafe-webgpu. " +
   "On a machine with Python you can join with the PyTorch trainer instead:";
 
+// Whether this page offers WebGPU at all; the worker opens the adapter and device (WebGPU works in module workers).
+// Resolves to {description, facts, limits} of the worker's adapter.
 async function openGpu() {
   if (!window.isSecureContext) {
     throw new WebGpuUnavailable("WebGPU only works on secure pages, and this page is not one: open the " +
@@ -166,156 +182,72 @@ async function openGpu() {
   if (!navigator.gpu) {
     throw new WebGpuUnavailable("This browser does not offer WebGPU (navigator.gpu is missing), so it cannot train.");
   }
-  let adapter;
   try {
-    adapter = await withTimeout(navigator.gpu.requestAdapter({ powerPreference: "high-performance" }),
-      GPU_TIMEOUT_MS, "navigator.gpu.requestAdapter()");
+    return await nodeWorker().call("openGpu");
   } catch (e) {
-    throw new WebGpuUnavailable(`WebGPU is present, but asking for a GPU adapter failed: ${e.message}.`);
+    throw e.name === "WebGpuUnavailable" ? new WebGpuUnavailable(e.message) : e;
   }
-  if (!adapter) {
-    throw new WebGpuUnavailable("WebGPU is present, but the browser found no usable GPU adapter " +
-      "(WebGPU may be turned off, or the GPU is blocklisted).");
-  }
-  let device;
-  try {
-    device = await withTimeout(adapter.requestDevice({ requiredLimits: {
-      maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
-      maxBufferSize: adapter.limits.maxBufferSize,
-    } }), GPU_TIMEOUT_MS, "GPUAdapter.requestDevice()");
-  } catch (e) {
-    throw new WebGpuUnavailable(`The GPU adapter would not open a device: ${e.message}.`);
-  }
-  device.lost.then((info) => {
-    if (info.reason !== "destroyed") {
-      fail(`The GPU device was lost (${info.message || info.reason}). Reload the page to continue.`);
-    }
-  });
-  const info = adapter.info || {};
-  const description = [info.vendor, info.architecture, info.description].filter(Boolean).join(" ") || "unknown GPU";
-  return { adapter, device, description: description + (info.isFallbackAdapter ? " (software fallback)" : "") };
 }
 
-// ---- Pyodide and the bundle --------------------------------------------------------------------------------
+// ---- the worker, and the data channels it drives from here ---------------------------------------------------
 
-let runtime = null; // {pyodide, nodeModule, probes}; loaded once per page
+let worker = null; // the Rpc to node_worker.js, made on first use; Pyodide stays loaded in it for the page's life
 
-async function loadRuntime(progress) {
-  if (runtime) return runtime;
-  progress(0.1, "Loading the Python runtime (Pyodide)…");
-  let creep = 0.1;
-  const timer = setInterval(() => { // loadPyodide reports no progress: creep so the bar shows life
-    creep = Math.min(0.55, creep + 0.01);
-    progress(creep, "Loading the Python runtime (Pyodide)…");
-  }, 150);
-  let pyodide;
-  try {
-    const { loadPyodide } = await import(`${PYODIDE_URL}pyodide.mjs`);
-    pyodide = await loadPyodide({ indexURL: PYODIDE_URL });
-  } catch (e) {
-    throw new Error(`cannot load Pyodide from ${PYODIDE_URL} (${e.message || e}). The coordinator serves it from ` +
-      "node_modules/pyodide: run `./dev setup` (npm ci) on the coordinator's machine, then reload this page.");
-  } finally {
-    clearInterval(timer);
-  }
-  progress(0.6, "Loading the training code…");
-  const response = await fetch(BUNDLE_URL);
-  if (!response.ok) throw new Error(`fetching ${BUNDLE_URL} failed: HTTP ${response.status}`);
-  const site = pyodide.runPython("import sysconfig; sysconfig.get_path('purelib')");
-  pyodide.unpackArchive(await response.arrayBuffer(), "zip", { extractDir: site });
-  pyodide.runPython("import importlib; importlib.invalidate_caches()");
-  runtime = {
-    pyodide,
-    nodeModule: pyodide.pyimport("browser_node"),
-    probes: pyodide.pyimport("browser_probes"),
+function nodeWorker() {
+  if (worker) return worker;
+  const w = new Worker(new URL("./node_worker.js", import.meta.url), { type: "module" });
+  worker = new Rpc(w, PAGE_METHODS, WORKER_METHODS, {
+    report: (text) => onReport(JSON.parse(text)),
+    progress: (fraction, label) => showSetup(fraction, label),
+    started: (nodeId) => onStarted(nodeId),
+    gpuLost: (why) => fail(`The GPU device was lost (${why}). Reload the page to continue.`),
+    createOffer: () => channel.createOffer(),
+    acceptAnswer: (sdp) => channel.acceptAnswer(sdp),
+    waitChannelOpen: (ms) => channel.waitChannelOpen(ms),
+    usePath: (path) => channel.usePath(path),
+    sendChannel: (data) => channel.send(data),
+    closeChannel: () => channel.closeLinks(),
+    peerOffer: (peer) => channel.peers.offer(peer),
+    peerAnswer: (peer, offerSdp) => channel.peers.answer(peer, offerSdp),
+    peerAccept: (peer, answerSdp) => channel.peers.accept(peer, answerSdp),
+    peerSend: (peer, data) => channel.peers.send(peer, data),
+    peerClose: (peer) => channel.peers.close(peer),
+  });
+  w.onerror = (e) => { // the module failed to load, or threw outside any call: every waiting call fails
+    e.preventDefault();
+    worker.failAll(new Error(`the node's worker failed: ${e.message || "it could not start"}`));
   };
-  return runtime;
+  return worker;
 }
 
-// ---- the node's key: WebCrypto Ed25519, kept in IndexedDB --------------------------------------------------
-
-function idb(mode, action) {
-  return new Promise((resolve, reject) => {
-    const open = indexedDB.open(KEY_DB, 1);
-    open.onupgradeneeded = () => open.result.createObjectStore(KEY_STORE);
-    open.onerror = () => reject(open.error);
-    open.onsuccess = () => {
-      const tx = open.result.transaction(KEY_STORE, mode);
-      const request = action(tx.objectStore(KEY_STORE));
-      tx.oncomplete = () => { open.result.close(); resolve(request.result); };
-      tx.onerror = () => { open.result.close(); reject(tx.error); };
-    };
-  });
+// A frame or event from this page's data channels to the node in the worker; binary frames move, not copy.
+function toNode(method, ...args) {
+  if (!LINK_EVENTS.includes(method)) throw new Error(`${method} is not a link event`);
+  const last = args[args.length - 1];
+  const [data, transfer] = last instanceof ArrayBuffer ? transferable(last) : [last, []];
+  worker.notify("linkEvent", [method, ...args.slice(0, -1), data], transfer);
 }
 
-async function nodeKey() {
-  let pair = await idb("readonly", (store) => store.get(KEY_NAME));
-  if (!pair) {
-    try {
-      // not extractable: the private key never leaves WebCrypto, yet IndexedDB can keep the CryptoKey itself
-      pair = await crypto.subtle.generateKey({ name: "Ed25519" }, false, ["sign", "verify"]);
-    } catch (e) {
-      throw new Error(`This browser cannot make an Ed25519 key with WebCrypto (${e.message}); ` +
-        "use a recent Chrome or Edge.");
-    }
-    await idb("readwrite", (store) => store.put(pair, KEY_NAME));
-  }
-  const raw = new Uint8Array(await crypto.subtle.exportKey("raw", pair.publicKey));
-  return { pair, nodeId: hex(raw) };
-}
-
-// ---- the bridge Python drives: signaling socket, data channel, crypto, fetch, UI reports -------------------
-
-class Bridge {
-  constructor(key, onReport) {
-    this.key = key;
-    this.onReport = onReport;
-    this.node = null; // the Python BrowserNode, set once created
-    this.ws = null; this.pc = null; this.dc = null; this.path = null;
+// The page's WebRTC: the data channel to the coordinator and the peer links, as the worker's Bridge asks for them.
+class ChannelLinks {
+  constructor() {
+    this.pc = null; this.dc = null; this.path = null;
     this.peers = new PeerLinks({ // the links to other nodes (shared/swarm.py); Python dials and sends
-      onOpen: (peer) => this.toNode("on_peer_open", peer),
-      onFrame: (peer, data) => this.toNode("on_peer_frame", peer, data),
-      onClosed: (peer, reason) => this.toNode("on_peer_closed", peer, reason),
+      onOpen: (peer) => toNode("on_peer_open", peer),
+      onFrame: (peer, data) => toNode("on_peer_frame", peer, data),
+      onClosed: (peer, reason) => toNode("on_peer_closed", peer, reason),
     });
-  }
-
-  connectSignaling() {
-    this.closeLinks();
-    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
-    const ws = new WebSocket(url);
-    ws.binaryType = "arraybuffer";
-    this.ws = ws;
-    return new Promise((resolve, reject) => {
-      ws.onopen = () => resolve();
-      ws.onerror = () => reject(new Error(`cannot open the signaling socket ${url}`));
-      ws.onmessage = (e) => this.deliver("websocket", e.data);
-      ws.onclose = (e) => {
-        if (this.ws === ws) this.node?.on_link_closed("signaling socket", `code ${e.code} ${e.reason || ""}`.trim());
-      };
-    });
-  }
-
-  deliver(source, data) {
-    try {
-      this.node?.on_frame(source, data);
-    } catch (e) {
-      console.error("the node could not take a frame", e);
-    }
-  }
-
-  async sendSignal(text) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) throw new Error("the signaling socket is closed");
-    this.ws.send(text);
   }
 
   async createOffer() {
+    this.closeChannel();
     const pc = new RTCPeerConnection(rtcConfiguration()); // only the servers the coordinator named
     const dc = pc.createDataChannel("swarmgrad", { ordered: true });
     dc.binaryType = "arraybuffer";
     dc.bufferedAmountLowThreshold = SEND_BUFFER_LOW;
-    dc.onmessage = (e) => this.deliver("webrtc", e.data);
+    dc.onmessage = (e) => toNode("on_frame", "webrtc", e.data);
     dc.onclose = () => {
-      if (this.dc === dc && this.path === "webrtc") this.node?.on_link_closed("data channel", "closed");
+      if (this.dc === dc && this.path === "webrtc") toNode("on_link_closed", "data channel", "closed");
     };
     this.pc = pc; this.dc = dc;
     await pc.setLocalDescription(await pc.createOffer());
@@ -340,76 +272,40 @@ class Bridge {
 
   usePath(path) {
     this.path = path;
-    if (path === "websocket" && this.pc) { this.pc.close(); this.pc = null; this.dc = null; }
+    if (path === "websocket") this.closeChannel();
   }
 
-  // One frame on the current path, waiting while the channel's send buffer is full.
+  // One frame on the data channel, waiting while its send buffer is full.
   async send(data) {
-    if (this.path === "webrtc") {
-      if (!this.dc) throw new Error("the data channel is closed");
-      await sendWhenRoom(this.dc, data, "the data channel");
-    } else {
-      const ws = this.ws;
-      while (ws && ws.readyState === WebSocket.OPEN && ws.bufferedAmount > SEND_BUFFER_HIGH) {
-        await new Promise((resolve) => setTimeout(resolve, 20)); // WebSocket has no low-buffer event
-      }
-      if (!ws || ws.readyState !== WebSocket.OPEN) throw new Error("the signaling socket is closed");
-      ws.send(data);
-    }
+    if (!this.dc) throw new Error("the data channel is closed");
+    await sendWhenRoom(this.dc, data, "the data channel");
   }
 
-  closeLinks() {
-    const { ws, pc } = this;
-    this.ws = null; this.pc = null; this.dc = null; this.path = null;
+  closeChannel() {
+    const pc = this.pc;
+    this.pc = null; this.dc = null;
     if (pc) pc.close();
+  }
+
+  // the worker's Bridge closed its socket: the data channel and the peer links go too
+  closeLinks() {
+    this.closeChannel();
+    this.path = null;
     this.peers.closeAll();
-    if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000, "leaving");
-  }
-
-  // peer links (browser/peers.js), as BrowserPort's peer_* methods call them
-  peerOffer(peer) { return this.peers.offer(peer); }
-  peerAnswer(peer, offerSdp) { return this.peers.answer(peer, offerSdp); }
-  peerAccept(peer, answerSdp) { return this.peers.accept(peer, answerSdp); }
-  peerSend(peer, data) { return this.peers.send(peer, data); }
-  peerClose(peer) { this.peers.close(peer); }
-
-  toNode(method, ...args) {
-    try {
-      this.node?.[method](...args);
-    } catch (e) {
-      console.error(`the node could not take ${method}`, e);
-    }
-  }
-
-  async sign(data) {
-    return hex(new Uint8Array(await crypto.subtle.sign("Ed25519", this.key.pair.privateKey, data.slice())));
-  }
-
-  async verify(nodeIdHex, data, signatureHex) {
-    const key = await crypto.subtle.importKey("raw", unhex(nodeIdHex), { name: "Ed25519" }, false, ["verify"]);
-    return crypto.subtle.verify("Ed25519", key, unhex(signatureHex), data.slice());
-  }
-
-  async fetchBytes(path) {
-    const response = await fetch(path);
-    if (!response.ok) throw new Error(`GET ${path} failed: HTTP ${response.status}`);
-    return response.arrayBuffer();
-  }
-
-  report(text) {
-    this.onReport(JSON.parse(text));
   }
 }
 
+const channel = new ChannelLinks();
+
 // ---- Contribute and Stop -----------------------------------------------------------------------------------
 
-let active = null; // {bridge, node, pyodide} while a node runs
+let active = null; // {nodeId} while a node runs in the worker
 let gpuPromise = null;
 let stepBase = 0; // inner steps of earlier rounds, for the chart's x axis
 
 function gpu() {
   if (!gpuPromise) {
-    gpuPromise = openGpu().then((g) => { state.adapter = g.description; return g; })
+    gpuPromise = openGpu().then((g) => { state.adapter = g.description; state.device = g.facts; return g; })
       .catch((e) => { gpuPromise = null; throw e; });
   }
   return gpuPromise;
@@ -435,7 +331,7 @@ function onReport(r) {
         showSetup(null);
         showMessage(`Joined as node ${r.node_id.slice(0, 12)}… over ${state.path === "webrtc" ? "WebRTC"
           : pathInWords(state.path)}. Training starts with the next round assignment.`);
-        if (state.path === "webrtc" && active?.bridge.pc) refinePath(active.bridge.pc);
+        if (state.path === "webrtc" && active && channel.pc) refinePath(channel.pc);
       } else if (r.state === "reconnecting") {
         showMessage(r.message, "warning");
       } else if (state.phase !== "training") {
@@ -447,7 +343,7 @@ function onReport(r) {
       if (state.round === null || state.message.startsWith("Joined")) {
         showMessage("Training: this tab is a node of the run. Keep it open; press Stop to leave.");
       }
-      state.round = r.round; state.steps = r.steps; state.stepsDone = 0;
+      state.round = r.round; state.steps = r.steps; state.stepsDone = 0; state.roundShare = state.share;
       state.connection = "training";
       break;
     case "steps":
@@ -455,7 +351,25 @@ function onReport(r) {
         if (loss !== null) state.localLoss.push([stepBase + r.done - r.losses.length + i + 1, loss]);
       });
       state.stepsDone = r.done; state.steps = r.total; state.tokensPerSec = r.tokens_per_s;
-      if (r.done === r.total) { stepBase += r.total; state.connection = "uploading the update"; }
+      state.computeS = r.compute_s; state.wallS = r.wall_s;
+      if (r.done === r.total) {
+        stepBase += r.total; state.connection = "uploading the update";
+        state.rounds.push({ round: r.round, computeS: r.compute_s, wallS: r.wall_s, share: state.roundShare });
+      }
+      break;
+    case "mode":
+      state.mode = r.mode;
+      if (r.mode !== "paused") state.pausedBy = null;
+      if (r.mode === "paused") {
+        state.connection = "paused";
+        showMessage(state.pausedBy === "hidden" ? "Paused while this tab is hidden; it resumes when you come back."
+          : state.pausedBy === "battery" ? "Paused: this device runs on battery. It resumes on the charger."
+            : "Paused between inner steps. The coordinator does not wait for this tab; press Resume to go on.");
+      } else if (r.mode === "finishing") {
+        showMessage("Finishing: this round's update goes out, then this tab leaves the run.");
+      } else {
+        showMessage("Training: this tab is a node of the run. Keep it open; press Stop to leave.");
+      }
       break;
     case "model": { // a model over the link came whole from the coordinator
       const fromPeers = r.from_peers ?? 0, fromCoordinator = r.from_coordinator ?? (r.source === "link" ? r.bytes : 0);
@@ -480,8 +394,11 @@ function onReport(r) {
       state.connection = `round ${r.round} closed`;
       break;
     case "receipt":
+      if (state.receipts.some((kept) => kept.seq === r.seq)) break; // restored after a reload, and sent again
       state.receipts.push(r);
-      if (r.balance !== null) state.balance = r.balance;
+      state.receipts.sort((a, b) => a.seq - b.seq);
+      if (r.balance !== null) state.balance = state.receipts[state.receipts.length - 1].balance ?? r.balance;
+      keepReceipt(r.coordinator, r.entry, r.signature).catch((e) => console.warn("cannot keep the receipt", e));
       break;
     case "notice":
       showMessage(r.message, "warning");
@@ -509,7 +426,7 @@ function useJobIceServers(job) {
 async function refinePath(pc) {
   try {
     const path = await linkPath(pc);
-    if (state.path === "webrtc" && active?.bridge.pc === pc) { state.path = path; render(); }
+    if (state.path === "webrtc" && active && channel.pc === pc) { state.path = path; render(); }
   } catch (e) {
     console.warn("cannot read the selected candidate pair", e);
   }
@@ -554,46 +471,64 @@ async function refreshRank() {
   setTimeout(refreshRank, RANK_REFRESH_MS);
 }
 
+// Whether this GPU can hold the job: the job's largest buffer (GET /api/status's job.memory, which the coordinator
+// computes with shared.model.training_memory) against the adapter's buffer limits (`limits`, as the worker read
+// them). A sentence saying why not, or null; null too when the job cannot be read, since joining then says what is
+// wrong.
+async function jobTooLargeFor(limits) {
+  let job;
+  try {
+    job = (await (await fetch("/api/status", { cache: "no-store" })).json()).job;
+  } catch (e) {
+    console.warn("no job description to check this GPU's limits against", e);
+    return null;
+  }
+  const need = job?.memory?.largest_buffer_bytes;
+  const limit = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
+  if (!need || need <= limit) return null;
+  return `This job's model (${job.model}, ${job.params.toLocaleString("en")} parameters, batch ${job.batch}) needs ` +
+    `a GPU buffer of ${bytesInWords(need)}, but this browser's WebGPU allows at most ${bytesInWords(limit)} per ` +
+    "buffer, so this tab cannot train it and has not joined. A machine with Python can join with the PyTorch " +
+    "trainer instead:";
+}
+
 async function contribute() {
   if (active || state.phase === "starting") return;
   $("contribute").disabled = true;
   state.phase = "starting";
   showMessage("");
-  const progress = (fraction, label) => showSetup(fraction, label);
   try {
-    progress(0.02, "Checking WebGPU…");
-    const { adapter, device, description } = await gpu();
-    const { pyodide, nodeModule } = await loadRuntime(progress);
-    progress(0.75, "Loading this browser's node key…");
-    const key = await nodeKey();
-    state.nodeId = key.nodeId;
+    showSetup(0.02, "Checking WebGPU…");
+    const { limits } = await gpu();
+    const tooLarge = await jobTooLargeFor(limits);
+    if (tooLarge) return fail(tooLarge, `python -m server trainer --coordinator ${location.origin}`);
     const transport = new URLSearchParams(location.search).get("transport") || "auto";
-    const bridge = new Bridge(key, onReport);
-    const browserName = navigator.userAgent.match(/(Chrome|Firefox|Safari|Edg)\/[\d.]+/)?.[0] || "unknown";
-    const agent = `browser: ${browserName}, WebGPU ${description}`;
+    state.transport = transport;
     const { name, team } = identity();
-    const node = nodeModule.BrowserNode(bridge, key.nodeId, adapter, device, agent, transport, name, team);
-    bridge.node = node;
-    active = { bridge, node, pyodide };
-    await initialValLoss();
-    state.phase = "connecting";
-    $("stop").hidden = false;
-    const outcome = await node.run();
-    bridge.closeLinks();
-    bridge.node = null;
-    node.destroy();
+    const coordinatorId = await initialValLoss();
+    const kept = await receiptsKept(coordinatorId);
+    // the worker loads Pyodide and the node key, says "started" once the node is made, and answers when it ends
+    const outcome = await nodeWorker().call("start", [{ transport, name, team, share: state.share, coordinatorId,
+      kept }]);
+    const finishedRound = state.mode === "finishing";
+    channel.closeLinks();
     active = null;
+    localStorage.removeItem(CONTRIBUTING);
     state.phase = outcome.startsWith("finished") ? "finished" : outcome === "stopped" ? "stopped" : "failed";
     state.connection = state.phase === "stopped" ? "stopped" : outcome;
     state.path = null;
+    state.mode = "active";
     $("stop").hidden = true;
     $("contribute").disabled = false;
     if (state.phase === "stopped") {
-      showMessage("Stopped. This tab left the training run cleanly; press Contribute to rejoin.");
+      showMessage(finishedRound ? "Finished: this round's update went out and this tab left the run cleanly; press " +
+        "Contribute to rejoin." : "Stopped. This tab left the training run cleanly; press Contribute to rejoin.");
     }
     render();
   } catch (e) {
     active = null;
+    channel.closeLinks();
+    localStorage.removeItem(CONTRIBUTING);
     if (e instanceof WebGpuUnavailable) {
       fail(`${e.message} ${WHAT_TO_DO}`, `python -m server trainer --coordinator ${location.origin}`);
     } else {
@@ -603,13 +538,113 @@ async function contribute() {
   }
 }
 
+// The worker made the node (its key loaded, the kept receipts restored): it is about to join.
+function onStarted(nodeId) {
+  state.nodeId = nodeId;
+  active = { nodeId };
+  localStorage.setItem(CONTRIBUTING, "1"); // a reload rejoins as this node (the key is in IndexedDB)
+  state.phase = "connecting";
+  $("stop").hidden = false;
+  applyAutoPause();
+  render();
+}
+
+// The chart's starting point; returns the coordinator's id (null when the status cannot be had).
 async function initialValLoss() {
   try {
     const s = await (await fetch("/api/status")).json();
     if (s.val_loss !== null && !state.valLoss.length) state.valLoss.push([0, s.val_loss]);
+    return s.coordinator_id;
   } catch (e) {
     console.warn("no status for the chart's starting point", e);
+    return null;
   }
+}
+
+// The receipts this browser kept from this coordinator, as JSON for the node to verify again before they are
+// listed; null when there are none.
+async function receiptsKept(coordinatorId) {
+  if (!coordinatorId) return null;
+  try {
+    const kept = await keptReceipts(coordinatorId);
+    return kept.length ? JSON.stringify(kept) : null;
+  } catch (e) {
+    console.warn("cannot read the receipts kept in this browser", e);
+    return null;
+  }
+}
+
+// ---- Pause, Resume, Finish, the GPU share, and pausing by itself (hidden tab, battery) -------------------------
+
+function pause(by = null) {
+  if (!active || state.mode !== "active") return;
+  state.pausedBy = by;
+  worker.notify("control", ["pause"]);
+}
+
+function resume() {
+  if (!active || state.mode !== "paused") return;
+  worker.notify("control", ["resume"]);
+}
+
+function finish() {
+  if (!active || state.mode === "finishing") return;
+  worker.notify("control", ["finish"]);
+}
+
+function setShare(percent) {
+  const share = Math.min(100, Math.max(10, Math.round(Number(percent)))) / 100;
+  if (share !== state.share) state.roundShare = null; // the round in hand mixes two shares
+  state.share = share;
+  $("gpu-share").value = String(Math.round(share * 100));
+  localStorage.setItem(SHARE, String(Math.round(share * 100)));
+  if (active) worker.notify("control", ["set_share", share]);
+  render();
+}
+
+let battery = null; // the BatteryManager, where the Battery API exists
+
+// Pause when the tab is hidden or the device left its charger (each when its option is on), and resume when what
+// paused the node is gone; a pause the user chose is theirs to end.
+function applyAutoPause() {
+  const hidden = $("pause-hidden").checked && document.visibilityState === "hidden";
+  const onBattery = $("pause-battery").checked && battery !== null && !battery.charging;
+  const cause = hidden ? "hidden" : onBattery ? "battery" : null;
+  if (cause && state.mode === "active") pause(cause);
+  else if (cause && state.pausedBy) state.pausedBy = cause;
+  else if (!cause && state.mode === "paused" && state.pausedBy) resume();
+}
+
+async function watchBattery() {
+  if (!navigator.getBattery) { $("battery-option").hidden = true; return; }
+  try {
+    battery = await navigator.getBattery();
+    battery.addEventListener("chargingchange", applyAutoPause);
+    applyAutoPause();
+  } catch (e) {
+    console.warn("no battery status", e);
+    $("battery-option").hidden = true;
+  }
+}
+
+// The round trip to the coordinator: the data channel's ICE pair when there is one, else an HTTP request's.
+async function refreshRtt() {
+  try {
+    const pc = active ? channel.pc : null;
+    if (pc && state.path?.startsWith("webrtc")) {
+      state.rttMs = await roundTripMs(pc);
+    } else if (active) {
+      const started = performance.now();
+      await fetch("/static/style.css", { method: "HEAD", cache: "no-store" });
+      state.rttMs = performance.now() - started;
+    } else {
+      state.rttMs = null;
+    }
+    renderCards(state);
+  } catch (e) {
+    console.warn("cannot measure the round trip", e);
+  }
+  setTimeout(refreshRtt, RTT_REFRESH_MS);
 }
 
 async function stop() {
@@ -617,55 +652,54 @@ async function stop() {
   state.phase = "stopping";
   state.connection = "leaving…";
   render();
-  active.node.stop();
+  worker.notify("control", ["stop"]);
 }
 
 // ---- hooks for tests and benchmarks (window.swarmgrad) -----------------------------------------------------
 
-const b64decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
-function b64encode(bytes) {
-  let s = "";
-  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
-  return btoa(s);
-}
-
-async function probes() {
-  const { adapter, device } = await gpu();
-  const { probes: module } = await loadRuntime(() => {});
-  return { adapter, device, module };
-}
-
-function plain(result) {
-  const out = result.toJs({ dict_converter: Object.fromEntries });
-  result.destroy();
-  return out;
+// One of node_worker.js's PROBES, run in the worker on its GPU device.
+async function probe(name, ...args) {
+  await gpu(); // state.adapter, for the benchmarks' report
+  return nodeWorker().call("probe", [name, ...args]);
 }
 
 window.swarmgrad = {
   state,
   contribute,
   stop,
-  peerConnection: () => active?.bridge.pc ?? null, // the data channel's connection to the coordinator, for getStats
+  pause,
+  resume,
+  finish,
+  setShare,
+  peerConnection: () => channel.pc, // the data channel's connection to the coordinator, for getStats
   rtcConfiguration,
   // loss and gradient of one batch at the given parameters (all base64), computed by the WGSL kernels
-  async gradientForBatch(model, paramsB64, tokensB64, targetsB64, seqLen) {
-    const { adapter, device, module } = await probes();
-    const r = plain(await module.gradient_for_batch(adapter, device, model, b64decode(paramsB64),
-      b64decode(tokensB64), b64decode(targetsB64), seqLen));
-    return { loss: r.loss, grads: b64encode(r.grads) };
-  },
-  async trainSpeed(model, batchSize, steps) {
-    const { adapter, device, module } = await probes();
-    return plain(await module.train_speed(adapter, device, model, batchSize, steps));
-  },
-  async matmulSpeed(n, repeats) {
-    const { adapter, device, module } = await probes();
-    return plain(await module.matmul_speed(adapter, device, n, repeats));
-  },
+  gradientForBatch: (model, paramsB64, tokensB64, targetsB64, seqLen) =>
+    probe("gradientForBatch", model, paramsB64, tokensB64, targetsB64, seqLen),
+  trainSpeed: (model, batchSize, steps) => probe("trainSpeed", model, batchSize, steps),
+  matmulSpeed: (n, repeats) => probe("matmulSpeed", n, repeats),
 };
 
 $("contribute").addEventListener("click", contribute);
 $("stop").addEventListener("click", stop);
-window.addEventListener("resize", render);
+$("pause").addEventListener("click", () => pause());
+$("resume").addEventListener("click", resume);
+$("finish").addEventListener("click", finish);
+$("gpu-share").addEventListener("input", (e) => setShare(e.target.value));
+for (const id of OPTIONS) {
+  $(id).checked = localStorage.getItem(`swarmgrad-${id}`) !== "0";
+  $(id).addEventListener("change", () => {
+    localStorage.setItem(`swarmgrad-${id}`, $(id).checked ? "1" : "0");
+    applyAutoPause();
+  });
+}
+document.addEventListener("visibilitychange", applyAutoPause);
+setShare(localStorage.getItem(SHARE) || 100);
 render();
 refreshRank();
+refreshRtt();
+watchBattery();
+if (localStorage.getItem(CONTRIBUTING) === "1") { // reloaded while contributing: rejoin as the same node
+  state.rejoined = true;
+  contribute();
+}

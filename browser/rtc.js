@@ -84,3 +84,15 @@ export async function sendWhenRoom(dc, data, what) {
   if (dc.readyState !== "open") throw new Error(`${what} is closed`);
   dc.send(data);
 }
+
+// The round-trip time of the pair ICE selected, in milliseconds (getStats' currentRoundTripTime); null before any.
+export async function roundTripMs(pc) {
+  const stats = await pc.getStats();
+  let rtt = null;
+  stats.forEach((s) => {
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded" && s.currentRoundTripTime !== undefined) {
+      rtt = 1000 * s.currentRoundTripTime;
+    }
+  });
+  return rtt;
+}

@@ -33,7 +33,7 @@ async function refresh() {
       r => r.round, r => (r.val_loss === null ? "n/a" : r.val_loss.toFixed(4)), r => r.accepted, r => r.rejected,
       r => r.tokens.toLocaleString()]);
     fillTable("nodes", s.nodes, [
-      n => n.id.slice(0, 12) + "…", n => n.kind, n => n.state, n => n.path || "-", n => n.updates_accepted]);
+      n => n.id.slice(0, 12) + "…", n => n.name || "-", n => n.team || "-", n => n.kind, n => n.state, n => n.path || "-", n => n.updates_accepted]);
   } catch (e) {
     summary.textContent = `Cannot reach the coordinator (${e.message}). Is it still running?`;
     summary.className = "error";

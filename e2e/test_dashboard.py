@@ -94,7 +94,7 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     page.wait_for_function(f"() => document.querySelector('#rounds tbody td')?.innerText === '{ROUNDS}'",
                            timeout=10_000)
     page.wait_for_function("() => document.getElementById('job-state').innerText === 'finished' && "
-                           "document.querySelector('#nodes tbody td:nth-child(3)')?.innerText === 'offline'",
+                           "document.querySelector('#nodes tbody td:nth-child(5)')?.innerText === 'offline'",
                            timeout=10_000)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
@@ -121,7 +121,9 @@ def test_dashboard_shows_rounds_nodes_ledger_rules_and_votes(processes, chromium
     # the trainer, paid for its work
     (node,) = final["nodes"]
     (row,) = table_rows(page, "nodes")
-    node_id, kind, state, path, speed, busy, peers, model_bytes, reputation, balance, stake, updates = row
+    node_id, name, team, kind, state, path, speed, busy, peers, model_bytes, reputation, balance, stake, updates = row
+    assert (name, team) == ("-", "-")  # it chose none
+    assert page.inner_text("#swarm-online") == "0" and page.inner_text("#swarm-paused") == "0"  # it went home
     assert 0 < node["utilisation"] <= 1 and busy == f"{round(100 * node['utilisation'])}%"
     assert peers == "0" and model_bytes == f"0.0 MB / {node['bytes_from_coordinator'] / 1e6:.1f} MB"
     assert node["bytes_from_coordinator"] >= 4 * final["job"]["params"]  # alone, it got its models from here

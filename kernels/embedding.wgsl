@@ -1,4 +1,5 @@
-// Token + position embedding, forward and backward. Tokens arrive as packed bytes (4 per u32, little-endian).
+// Token + position embedding, forward and backward. Tokens arrive packed little-endian, token_bits wide: bytes
+// (4 per u32) for a vocabulary of at most 256, uint16 (2 per u32) above it (shared/tokens.py).
 // The wte gradient is a scatter-add; one invocation per (vocab row, column) scans all tokens in order,
 // so the sum never depends on scheduling (no atomics, bit-for-bit reproducible).
 
@@ -10,7 +11,7 @@ struct EmbeddingDims {
   block_size: u32,
   wte_offset: u32,  // in floats
   wpe_offset: u32,
-  pad: u32,
+  token_bits: u32,  // 16 for uint16 ids; 8 (or 0, as callers from before BPE write) for bytes
 }
 
 @group(0) @binding(0) var<storage, read> tokens: array<u32>;
@@ -20,7 +21,9 @@ struct EmbeddingDims {
 @group(0) @binding(4) var<storage, read> dims: EmbeddingDims;
 
 fn token_at(n: u32) -> u32 {
-  return (tokens[n / 4u] >> (8u * (n % 4u))) & 0xffu;
+  let bits = select(8u, dims.token_bits, dims.token_bits == 16u);
+  let per_word = 32u / bits;
+  return (tokens[n / per_word] >> (bits * (n % per_word))) & ((1u << bits) - 1u);
 }
 
 // x[n, c] = wte[token n, c] + wpe[n mod seq, c]
@@ -36,15 +39,17 @@ fn embed_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 const WTE_CHUNK4: u32 = 16u;  // columns (in vec4s) one invocation accumulates while it scans the tokens
 
-// out is the gradient vector; writes every wte entry, zero for bytes that do not occur. Scanning the tokens
-// is the cost here, so each invocation scans them once for a whole chunk of 64 columns.
+// out is the gradient vector; writes every wte entry, zero for tokens that do not occur. Scanning the tokens
+// is the cost here, so each invocation scans them once for a whole chunk of 64 columns. The grid is
+// kernels/device.py's grid_for (a large vocabulary can need more than 65535 workgroups along x).
 @compute @workgroup_size(64)
-fn embed_backward_wte(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn embed_backward_wte(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
   let cols4 = dims.n_embd / 4u;
   let chunks = (cols4 + WTE_CHUNK4 - 1u) / WTE_CHUNK4;
-  if (gid.x >= dims.vocab * chunks) { return; }
-  let v = gid.x / chunks;
-  let first4 = (gid.x % chunks) * WTE_CHUNK4;
+  let i = gid.y * groups.x * 64u + gid.x;
+  if (i >= dims.vocab * chunks) { return; }
+  let v = i / chunks;
+  let first4 = (i % chunks) * WTE_CHUNK4;
   let width4 = min(WTE_CHUNK4, cols4 - first4);
   var acc: array<vec4<f32>, 16>;
   for (var k = 0u; k < WTE_CHUNK4; k++) { acc[k] = vec4<f32>(0.0); }

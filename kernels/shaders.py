@@ -17,6 +17,7 @@ SHADER_FILES = (
     "adamw.wgsl",
     "apply_delta.wgsl",
     "attention.wgsl",
+    "attention_decode.wgsl",
     "cross_entropy.wgsl",
     "embedding.wgsl",
     "gelu.wgsl",

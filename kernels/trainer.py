@@ -1,4 +1,4 @@
-"""Trains the byte-level GPT on a Device: forward, backward and AdamW in WGSL, every tensor kept on the GPU.
+"""Trains the GPT on a Device: forward, backward and AdamW in WGSL, every tensor kept on the GPU.
 
 Never read a buffer back inside the training loop (only the losses once at the end, or when asked), and never
 import a GPU binding: the Device passed in is the only way to the GPU.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from array import array
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -16,6 +17,7 @@ from kernels.device import MAX_WORKGROUPS_PER_DIMENSION, Device, Dispatch, grid_
 from kernels.int8_codec import DeviceInt8Codec
 from kernels.shaders import KernelCache
 from shared.model import LAYER_NORM_EPS, GPTConfig, num_parameters, parameter_layout
+from shared.tokens import token_width
 
 # Losses of this many steps stay on the device before train_steps reads them back.
 LOSS_SLOTS = 1024
@@ -37,13 +39,23 @@ def _float_bytes(values, count: int, what: str) -> memoryview:
     return data
 
 
-def _token_bytes(tokens) -> bytes:
-    """Byte tokens as bytes: accepts bytes, bytearray, memoryview, array (any int type) or a list of ints."""
-    if isinstance(tokens, (bytes, bytearray)):
+def _token_data(tokens, width: int) -> bytes:
+    """Token ids packed `width` bytes each, little-endian (shared/tokens.py), as the kernels read them. Bytes-like
+    input is taken as already packed (what browser_node.batches_at makes of a shard); an array or a list of ints is
+    packed here. Raises ValueError for an id that does not fit `width` bytes."""
+    if isinstance(tokens, (bytes, bytearray, memoryview)):
         return bytes(tokens)
-    if isinstance(tokens, array) and tokens.typecode in "bB":
-        return tokens.tobytes()
-    return bytes(tokens)  # raises ValueError for values outside 0..255
+    if isinstance(tokens, array) and tokens.itemsize == width and tokens.typecode in "BH":
+        packed = tokens
+    else:
+        try:
+            packed = array("B" if width == 1 else "H", tokens)
+        except OverflowError:
+            raise ValueError(f"a token id does not fit in {width} byte(s)") from None
+    if width > 1 and sys.byteorder == "big":
+        packed = array(packed.typecode, packed)
+        packed.byteswap()
+    return packed.tobytes()
 
 
 @dataclass(frozen=True)
@@ -74,8 +86,10 @@ class DeviceTrainer:
     def __init__(self, device: Device, cfg: GPTConfig, params, max_batch_size: int = 8):
         if (cfg.n_embd // cfg.n_head) % 4:
             raise ValueError(f"the WGSL kernels read vec4s: head_dim (n_embd / n_head) must divide by 4, got {cfg}")
-        if cfg.vocab_size > 256:
-            raise ValueError("tokens travel as bytes, so vocab_size must be at most 256")
+        if cfg.vocab_size % 4:
+            raise ValueError(f"the WGSL matmuls read the vocabulary axis as vec4s: vocab_size must divide by 4, got "
+                             f"{cfg.vocab_size}")
+        self.token_width = token_width(cfg.vocab_size)  # bytes per token id in the token and target buffers
         self.device = device
         self.cfg = cfg
         self.max_batch_size = max_batch_size
@@ -128,7 +142,7 @@ class DeviceTrainer:
         self.d_fc = activation(4 * c, "d fc")
         self.d_scores = device.create_buffer(probs, "d scores")
         self.no_residual = device.create_buffer(16, "no residual")
-        token_bytes = max(4, ceil_div(rows, 4) * 4)
+        token_bytes = max(4, ceil_div(rows * self.token_width, 4) * 4)
         self.tokens = device.create_buffer(token_bytes, "tokens")
         self.targets = device.create_buffer(token_bytes, "targets")
         self.adam_hyper = device.create_buffer(32, "adamw hyperparameters")
@@ -160,7 +174,8 @@ class DeviceTrainer:
     async def loss_and_grads(self, tokens, targets, seq_len: int | None = None) -> tuple[float, array]:
         """Mean cross-entropy of one batch and the gradient of every parameter (flat, layout order).
 
-        `tokens` and `targets` are B x T bytes, row-major; T is `seq_len` (default block_size).
+        `tokens` and `targets` are B x T token ids, row-major (packed bytes as shared/tokens.py writes them, or
+        an array or list of ints); T is `seq_len` (default block_size).
         """
         self.device.submit(self._forward_backward(tokens, targets, seq_len, loss_slot=0))
         loss = array("f", await self.device.read_buffer(self.losses, 4))[0]
@@ -231,15 +246,16 @@ class DeviceTrainer:
     def _forward_backward(self, tokens, targets, seq_len: int | None, loss_slot: int) -> list[Dispatch]:
         """Upload one batch and return the dispatches of its forward and backward passes."""
         seq = seq_len or self.cfg.block_size
-        token_data, target_data = _token_bytes(tokens), _token_bytes(targets)
+        width = self.token_width
+        token_data, target_data = _token_data(tokens, width), _token_data(targets, width)
         if not 0 < seq <= self.cfg.block_size:
             raise ValueError(f"seq_len {seq} must be in 1..block_size ({self.cfg.block_size})")
-        if len(token_data) != len(target_data) or not token_data or len(token_data) % seq:
+        if len(token_data) != len(target_data) or not token_data or len(token_data) % (seq * width):
             raise ValueError(
                 f"tokens ({len(token_data)} bytes) and targets ({len(target_data)} bytes) must be the same "
-                f"non-zero multiple of seq_len {seq}"
+                f"non-zero multiple of seq_len {seq} ids of {width} byte(s)"
             )
-        batch = len(token_data) // seq
+        batch = len(token_data) // (seq * width)
         if batch > self.max_batch_size:
             raise ValueError(f"batch of {batch} rows exceeds max_batch_size {self.max_batch_size}")
         pad = bytes(-len(token_data) % 4)
@@ -335,10 +351,12 @@ class DeviceTrainer:
     def _build_plan(self, batch: int, seq: int) -> list[Dispatch]:
         cfg = self.cfg
         c, v, rows = cfg.n_embd, cfg.vocab_size, batch * seq
+        token_bits = 8 * self.token_width
         steps: list[Dispatch] = []
 
         embed_dims = self._dims(
-            [rows, seq, c, v, cfg.block_size, self._offset("wte.weight"), self._offset("wpe.weight"), 0], "embed dims"
+            [rows, seq, c, v, cfg.block_size, self._offset("wte.weight"), self._offset("wpe.weight"), token_bits],
+            "embed dims"
         )
         attention_dims = self._dims([batch, seq, cfg.n_head, c // cfg.n_head, c, 0, 0, 0], "attention dims")
         gelu_dims = self._dims([rows * 4 * c, 0, 0, 0], "gelu dims")
@@ -365,7 +383,7 @@ class DeviceTrainer:
             ]
         steps.append(self._layer_norm_forward(self.x_final, "ln_f", self.ln_f, self.ln_f_stats, rows))
         steps.append(self._linear(self.ln_f, "lm_head", self.logits, rows, v, c, bias=False))
-        loss_dims = self._dims([rows, v, 0, 0], "cross-entropy dims")
+        loss_dims = self._dims([rows, v, token_bits, 0], "cross-entropy dims")
         steps.append(self._dispatch("cross_entropy.wgsl", "cross_entropy_forward_backward",
                                     {0: self.logits, 1: self.targets, 2: self.row_loss, 5: loss_dims},
                                     (ceil_div(rows, 64), 1, 1)))
@@ -392,7 +410,7 @@ class DeviceTrainer:
             steps += self._layer_norm_backward(block.x, h + "ln_1", block.ln_1_stats, self.d_ln, rows, accumulate=True)
         steps.append(self._dispatch("embedding.wgsl", "embed_backward_wte",
                                     {0: self.tokens, 2: self.grads, 3: self.d_res, 4: embed_dims},
-                                    (ceil_div(v * ceil_div(c, 64), 64), 1, 1)))
+                                    grid_for(ceil_div(v * ceil_div(c, 64), 64))))
         steps.append(self._dispatch("embedding.wgsl", "embed_backward_wpe",
                                     {2: self.grads, 3: self.d_res, 4: embed_dims},
                                     (ceil_div(cfg.block_size * c, 256), 1, 1)))

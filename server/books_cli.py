@@ -1,8 +1,8 @@
 """The `ledger` and `governance` commands: verify and show the books, list rules, propose and vote.
 
-`ledger verify` reads the data directory directly (the store opened read-only), so it can audit a coordinator
-that is not running; docs/LEDGER.md says what it checks. Never write to the store from here; proposals and votes
-go through the coordinator's REST API.
+`ledger verify` reads the store directly (opened read-only: the data directory's SQLite file, or --store's
+PostgreSQL database), so it can audit a coordinator that is not running; docs/LEDGER.md says what it checks. Never
+write to the store from here; proposals and votes go through the coordinator's REST API.
 """
 
 from __future__ import annotations
@@ -10,20 +10,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sqlite3
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from server.keys import NodeKey, SignatureError, verify
-from server.coordinator.store import OutdatedSchema, RoundRecord, Store
+from server.coordinator.store import (OutdatedSchema, RoundRecord, Store, StoreUnavailable, driver_errors,
+                                     open_store)
 from shared.governance import Proposal, Vote
 from shared.identity import validate_node_id
 from shared.rewards import (ChainFault, LedgerError, check_anchors, check_chain, check_rewards, round_record_bytes,
                             terms_by_round)
 
 MICRO = 1_000_000
+STORE_HELP = "read the coordinator's PostgreSQL store (its --store URL) instead of DATA_DIR/state.db"
 STAMP_TRIES = 3  # a round may close between reading the round and posting; then re-stamp and re-sign
 
 
@@ -54,9 +55,10 @@ def _credits(micro: int) -> str:
 # -- ledger ------------------------------------------------------------------------------------------------
 
 
-def open_books(data_dir: Path) -> Store:
-    """The data directory's store, read-only: auditing never creates, migrates or writes anything."""
-    return Store(data_dir / "state.db", read_only=True)
+def open_books(data_dir: Path, store: str | None = None) -> Store:
+    """The coordinator's store, read-only (auditing never creates, migrates or writes anything): the PostgreSQL
+    database at `store` when given, else the data directory's SQLite file."""
+    return open_store(store or data_dir / "state.db", read_only=True)
 
 
 def coordinator_id_of(data_dir: Path, given: str | None) -> str:
@@ -87,7 +89,13 @@ def _at(fault: ChainFault, entries: list) -> str:
 def audit_books(store: Store, coordinator_id: str) -> list[str]:
     """Every reason the books do not check out; empty when they do. Checks, in order: the hash chain and the
     balance table recomputed from the log; each round record's signature by `coordinator_id`; the signed ledger
-    heads against the chain; every reward recomputed from its update record under the terms then in force."""
+    heads against the chain; every reward recomputed from its update record under the terms then in force.
+    Everything is read in one snapshot, so a round its coordinator commits meanwhile cannot look like a fault."""
+    with store.snapshot():
+        return _audit(store, coordinator_id)
+
+
+def _audit(store: Store, coordinator_id: str) -> list[str]:
     entries, rounds = store.ledger_entries(), store.rounds()
     failures = []
     fault = check_chain(entries, balances=store.balances())
@@ -115,14 +123,15 @@ def audit_books(store: Store, coordinator_id: str) -> list[str]:
 
 def ledger_verify(args) -> int:
     try:
-        store = open_books(args.data_dir)
+        store = open_books(args.data_dir, args.store)
         try:
             coordinator_id = coordinator_id_of(args.data_dir, args.coordinator_id)  # ValueError when malformed
-            failures = audit_books(store, coordinator_id)
-            entries, rounds, balances = store.ledger_entries(), store.rounds(), store.balances()
+            with store.snapshot():  # the audit and the summary read the same books
+                failures = audit_books(store, coordinator_id)
+                entries, rounds, balances = store.ledger_entries(), store.rounds(), store.balances()
         finally:
             store.close()
-    except (FileNotFoundError, ValueError, OutdatedSchema, sqlite3.Error) as e:
+    except (FileNotFoundError, ValueError, OutdatedSchema, StoreUnavailable, *driver_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for failure in failures:
@@ -143,8 +152,8 @@ def ledger_balances(args) -> int:
         if args.coordinator:
             balances = _get(args.coordinator, "/api/ledger")["balances"]
         else:
-            balances = open_books(args.data_dir).balances()
-    except (OSError, sqlite3.Error, ValueError) as e:
+            balances = open_books(args.data_dir, args.store).balances()
+    except (OSError, ValueError, StoreUnavailable, *driver_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -189,7 +198,8 @@ def governance_list(args) -> int:
 
 
 def _current_round(coordinator: str) -> int:
-    return int(_get(coordinator, "/api/status")["round"])
+    status = _get(coordinator, "/api/status")
+    return int(status.get("current_round", status["round"]))  # (a round settling counts: its boundary is passed)
 
 
 def _parse_value(text: str):
@@ -259,11 +269,13 @@ def ledger_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="recompute the hash chain, every balance and every reward from the log, and "
                                       "check the coordinator's signature on every round record")
     v.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"))
+    v.add_argument("--store", default=None, metavar="URL", help=STORE_HELP)
     v.add_argument("--coordinator-id", default=None, help="the coordinator's public id (64 hex characters) that "
                                                            "signed the rounds (default: from DATA_DIR/coordinator.key)")
     v.set_defaults(run=ledger_verify)
     b = sub.add_parser("balances", help="show every account's balance")
     b.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"))
+    b.add_argument("--store", default=None, metavar="URL", help=STORE_HELP)
     b.add_argument("--coordinator", default=None, help="read from a running coordinator instead of --data-dir")
     b.add_argument("--json", action="store_true")
     b.set_defaults(run=ledger_balances)

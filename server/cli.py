@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ from pathlib import Path
 from server.options import (CODEC_HELP, codec_option, display_name_option, int_at_least, listen_option,
                             share_option)
 
-COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate")
+COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate", "export", "sample")
 TURN_PASSWORD_ENV = "SWARMGRAD_TURN_PASSWORD"
 
 
@@ -33,13 +34,20 @@ def serve_parser() -> argparse.ArgumentParser:
     d = JobConfig()
     p = argparse.ArgumentParser(prog="python -m server", description=(
         "Run a swarmgrad coordinator: it serves the contributor page, signals WebRTC peers, runs DiLoCo rounds "
-        "and keeps state in SQLite. Other commands (each has --help): trainer, status, ledger verify|balances, "
-        "governance list|propose|vote, simulate."))
+        "and keeps state in SQLite (or PostgreSQL, --store). Other commands (each has --help): trainer, status, "
+        "ledger verify|balances, governance list|propose|vote, simulate, export, sample."))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--data-dir", type=Path, default=Path("swarmgrad-data"),
                    help="state.db and checkpoints live here; a restart resumes from it (default: %(default)s)")
-    p.add_argument("--model", default=d.model, choices=sorted(MODEL_SIZES), help="model size (default: %(default)s)")
+    p.add_argument("--store", default=None, metavar="URL",
+                   help="keep the coordinator's state (job, rounds, updates, nodes, ledger, governance) in this "
+                        "PostgreSQL database, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, instead of "
+                        "DATA_DIR/state.db; checkpoints and the coordinator's key stay in --data-dir "
+                        "(default: SQLite)")
+    p.add_argument("--model", default=d.model, type=model_option, metavar="SIZE",
+                   help=f"model size: {', '.join(MODEL_SIZES)}, or n_layer=N,n_head=N,n_embd=N,block_size=N "
+                        "(default: %(default)s)")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps,
                    help="local AdamW steps per round, H (default: %(default)s)")
     p.add_argument("--rounds", type=int_at_least(0), default=d.rounds,
@@ -86,11 +94,35 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="your own text corpus: a file, or a directory of .txt/.md/.py/.rst files "
                         "(default: the Python standard library's source)")
+    p.add_argument("--tokenizer", default=d.tokenizer, type=tokenizer_option, metavar="bytes|bpe:VOCAB",
+                   help="what a token is: bytes (vocabulary 256), or bpe:VOCAB, a byte-level BPE of VOCAB tokens "
+                        "(e.g. bpe:8192) trained on the corpus when the job is created and kept in --data-dir as "
+                        "tokenizer.json (served at /api/tokenizer); nodes train on token ids and never need it. "
+                        "Fixed for the job's life (default: %(default)s)")
     p.add_argument("--rules", type=Path, default=None,
                    help="a rulebook (TOML, like shared/default_rules.toml) for a new job; an existing job keeps "
                         "its rules, which change only by vote (default: shared/default_rules.toml)")
+    p.add_argument("--ssl-certfile", type=Path, default=None, metavar="PEM",
+                   help="serve HTTPS and WSS with this certificate (chain), PEM; with --ssl-keyfile. Default: plain "
+                        "HTTP, for loopback or behind a TLS reverse proxy (README: Behind a TLS reverse proxy)")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, metavar="PEM",
+                   help="the private key of --ssl-certfile, PEM")
+    p.add_argument("--forwarded-allow-ips", default=None, metavar="ADDRS",
+                   help="comma-separated addresses of reverse proxies whose X-Forwarded-For and X-Forwarded-Proto "
+                        "are believed, so that join limits count each node's own address; '*' believes anyone "
+                        "(default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
+
+
+def model_option(text: str) -> str:
+    """An argparse type: a named model size or the custom form, in its one spelling (shared.model.canonical_model)."""
+    from shared.model import ModelSpecError, canonical_model
+
+    try:
+        return canonical_model(text)
+    except ModelSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def ice_server_url(text: str) -> str:
@@ -100,6 +132,16 @@ def ice_server_url(text: str) -> str:
     try:
         return rtc.parse_ice_url(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def tokenizer_option(text: str) -> str:
+    """An argparse type: bytes or bpe:VOCAB (server.tokenizer.parse_tokenizer), with what is wrong."""
+    from server.tokenizer import TokenizerError, parse_tokenizer
+
+    try:
+        return str(parse_tokenizer(text))
+    except TokenizerError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -118,6 +160,8 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     except ValueError as e:
         parser.error(f"--ice-server: {e}; TURN credentials come from --turn-username and --turn-password "
                      f"(or ${TURN_PASSWORD_ENV})")
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        parser.error("--ssl-certfile and --ssl-keyfile go together: give both for HTTPS, or neither")
     return args
 
 
@@ -127,6 +171,11 @@ def trainer_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", required=True, help="the coordinator's URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="where to train: auto picks CUDA when available (default: %(default)s)")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun (torchrun --nproc-per-node N -m server trainer ...), how the N ranks train "
+                        "as one node: each takes its rows of every step, and ddp keeps a whole model on every "
+                        "rank, fsdp shards it across them, for models that do not fit one GPU; rank 0 alone talks "
+                        "to the coordinator (default: %(default)s)")
     p.add_argument("--max-rounds", type=int_at_least(0), default=0,
                    help="leave cleanly after this many completed rounds; 0 = until the job ends")
     p.add_argument("--ice-host", action="append", default=[], metavar="ADDR",
@@ -149,6 +198,11 @@ def trainer_parser() -> argparse.ArgumentParser:
                         "at most 40 printable characters (default: none, shown by its id)")
     p.add_argument("--team", type=display_name_option, default="", metavar="TEAM",
                    help="the team whose total this node's credits count towards on the leaderboard; same limits")
+    p.add_argument("--metrics-port", type=int_at_least(0), default=0, metavar="PORT",
+                   help="serve this trainer's Prometheus metrics (tokens/s, utilisation, inner loss, verdicts) at "
+                        "http://HOST:PORT/metrics; 0 = off (default: %(default)s)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="the address --metrics-port listens on (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -175,33 +229,52 @@ def serve(argv: list[str]) -> int:
     from server.net import rtc
     from server.net.app import create_app
     from server.coordinator import Coordinator, JobConfig, JobMismatch
+    from server.coordinator.store import StoreUnavailable, open_store
     from server.corpus import CorpusError, load_corpus
     from shared.wire import MAX_MESSAGE_BYTES
 
     try:
+        if args.ssl_certfile:  # a missing file or a key that does not fit: an error now, not a traceback later
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
                         deadline_seconds=args.deadline_seconds, lr=args.lr, batch=args.batch, seed=args.seed,
                         codec=args.codec, delta_codec=args.delta_codec, aggregator=args.aggregator,
-                        verify_share=args.verify_share)
+                        verify_share=args.verify_share, tokenizer=args.tokenizer)
         corpus = load_corpus(args.data)
         ice = args.ice_host
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:
             ice = ["127.0.0.1" if ":" not in args.host else "::1"]
         rtc.restrict_ice_hosts(ice)
         rules = args.rules.read_text() if args.rules else None
-        coordinator = Coordinator(args.data_dir, job, corpus, rules_toml=rules, peers=args.peers,
+        store = open_store(args.store or args.data_dir / "state.db")
+        coordinator = Coordinator(args.data_dir, job, corpus, store=store, rules_toml=rules, peers=args.peers,
                                   ice_servers=args.ice_servers)
-    except (ValueError, KeyError, OSError, CorpusError, JobMismatch) as e:
+    except (ValueError, KeyError, OSError, CorpusError, JobMismatch, StoreUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    url = f"http://{args.host if ':' not in args.host else '[' + args.host + ']'}:{args.port}"
-    print(f"swarmgrad coordinator: {url}\n  model {job.model}, corpus {corpus.name} ({len(corpus.train):,} bytes), "
+    scheme = "https" if args.ssl_certfile else "http"
+    url = f"{scheme}://{args.host if ':' not in args.host else '[' + args.host + ']'}:{args.port}"
+    print(f"swarmgrad coordinator: {url}\n  model {job.model} ({coordinator.job.tokenizer} tokens), "
+          f"corpus {corpus.name} ({len(corpus.train):,} bytes), "
           f"data in {args.data_dir}/\n  open {url} in a browser, or join with: "
           f"python -m server trainer --coordinator {url}", flush=True)
+    print(model_size_line(coordinator), flush=True)
     config = uvicorn.Config(create_app(coordinator), host=args.host, port=args.port, log_level="warning",
-                            ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="on")
+                            ws_max_size=2 * MAX_MESSAGE_BYTES, lifespan="on",
+                            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                            forwarded_allow_ips=args.forwarded_allow_ips)
     uvicorn.Server(config).run()
     return 0
+
+
+def model_size_line(coordinator) -> str:
+    """The model's size and what training it takes (shared.model.training_memory), for the startup banner."""
+    from shared.model import format_bytes
+
+    m = coordinator.describe()["memory"]
+    return (f"  {m['parameters']:,} parameters ({format_bytes(m['model_bytes'])} in fp32); training needs about "
+            f"{format_bytes(m['total_bytes'])} per node at batch {coordinator.describe()['batch']}, its largest "
+            f"buffer {format_bytes(m['largest_buffer_bytes'])}")
 
 
 def trainer(argv: list[str]) -> int:
@@ -212,9 +285,14 @@ def trainer(argv: list[str]) -> int:
 
     options = TrainerOptions(args.coordinator, args.device, args.max_rounds, args.ice_host, args.transport,
                              args.key_file, not args.no_progress, args.ice_relay_only, args.listen,
-                             args.name, args.team)
+                             args.name, args.team, metrics_port=args.metrics_port,
+                             metrics_host=args.metrics_host)
     try:
         configure_ice(options)
+        from server import distributed
+
+        if distributed.world_size() > 1:  # started by torchrun: one node of several ranks
+            return distributed.run(options, args.parallel)
         node = Trainer(options)
         return asyncio.run(node.run())
     except Refused as e:
@@ -275,4 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         from server import sim
 
         return sim.main(argv)
+    if command in ("export", "sample"):
+        from server import export, sample
+
+        return {"export": export, "sample": sample}[command].main(argv)
     return {"serve": serve, "trainer": trainer, "status": status}[command](argv)

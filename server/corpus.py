@@ -1,4 +1,5 @@
-"""The training text: bytes of a corpus split into a train part (cut into shards) and a held-out validation part.
+"""The training text: bytes of a corpus split into a train part (cut into shards) and a held-out validation part;
+for a BPE job (server/tokenizer.py) both parts hold token ids instead, in shared/tokens.py's wire format.
 
 The default corpus is the Python standard library's own source, found through sysconfig, so a coordinator
 needs nothing from the network. Never read files outside the corpus root that the user named.
@@ -11,8 +12,10 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.tokens import BYTE_VOCAB, token_width
+
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024  # enough text for many rounds; keeps start-up under a second
-SHARD_BYTES = 64 * 1024
+SHARD_BYTES = 64 * 1024  # a multiple of every token width: a shard never cuts a token id in two
 VALIDATION_EVERY = 20  # one file in VALIDATION_EVERY (chosen by a hash of its path) is held out
 
 
@@ -25,6 +28,12 @@ class Corpus:
     name: str
     train: bytes
     validation: bytes
+    vocab_size: int = BYTE_VOCAB  # what train and validation hold: ids of this vocabulary (bytes up to 256)
+
+    def __post_init__(self) -> None:
+        width = token_width(self.vocab_size)
+        if len(self.train) % width or len(self.validation) % width:
+            raise CorpusError(f"token data of a {self.vocab_size}-token vocabulary must hold whole {width}-byte ids")
 
     @property
     def num_shards(self) -> int:

@@ -102,6 +102,19 @@ def flat_parameters(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
 
 
+def parameter_views(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each parameter's name -> a view into the flat vector (layout order), shaped like it: what
+    torch.func.functional_call runs the model on, with nothing copied."""
+    total = sum(p.numel() for p in model.parameters())
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} elements, the model has {total}")
+    views, offset = {}, 0
+    for name, p in model.named_parameters():
+        views[name] = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return views
+
+
 def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
     """Copy a flat vector (layout order) into the model's parameters."""
     total = sum(p.numel() for p in model.parameters())

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -25,11 +26,16 @@ from server.model import GPT, flat_parameters, load_flat_parameters
 from server.net import rtc
 from server.net.blob_http import BlobServer, ListenError
 from server.net.client import ClientLinks
-from server.training import byte_tensor, inner_steps
+from server.trainer_metrics import DEFAULT_METRICS_HOST, TrainerMetrics
+from server.training import inner_steps, token_tensor
 from shared.compress import CodecSpec
 from shared.manifest import MAX_BLOB_BYTES
 from shared.model import GPTConfig
 from shared.node import Disconnected, Node, Refused, Work
+from shared.tokens import BYTE_VOCAB
+
+if TYPE_CHECKING:
+    from server.distributed import Leader
 
 log = logging.getLogger("swarmgrad.trainer")
 
@@ -49,6 +55,8 @@ class TrainerOptions:
     listen: tuple[str, int] | None = None  # serve held blobs to peers over HTTP here (--listen HOST:PORT)
     name: str = ""  # shown on the leaderboard, signed in the Hello (--name)
     team: str = ""  # the team it counts for there (--team)
+    metrics_port: int = 0  # serve this trainer's Prometheus metrics on this port; 0 = not at all (--metrics-port)
+    metrics_host: str = DEFAULT_METRICS_HOST  # ... at this address (--metrics-host)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,17 +89,26 @@ class TorchPort(ClientLinks):
 
     kind = "trainer"
 
-    def __init__(self, ws_url: str, key: NodeKey, device: torch.device, http_base: str, progress: Progress):
+    def __init__(self, ws_url: str, key: NodeKey, device: torch.device, http_base: str, progress: Progress,
+                 ranks: Leader | None = None):
         super().__init__(ws_url, key)
         self.device, self.http_base, self.progress = device, http_base, progress
+        self.ranks = ranks  # torchrun's ranks hold and train the model instead (server.distributed)
         self.agent = f"torch {torch.__version__} {device}"
         self.model: GPT | None = None
+        self.vocab_size = BYTE_VOCAB  # the job's, from prepare: shards are read in its token width
         self.error_feedback: TorchErrorFeedback | None = None  # what lossy codecs left out, sent next round
+        self.metrics = TrainerMetrics()
 
     def prepare(self, job: dict, cfg: GPTConfig) -> None:
         super().prepare(job, cfg)  # the job's ICE servers
-        if self.model is None or self.model.cfg != cfg:
-            self.model = GPT(cfg).to(self.device)
+        self.vocab_size = cfg.vocab_size
+        held = self.ranks.job_cfg if self.ranks is not None else self.model.cfg if self.model is not None else None
+        if held != cfg:
+            if self.ranks is not None:
+                self.ranks.prepare(cfg)
+            else:
+                self.model = GPT(cfg).to(self.device)
             self.error_feedback = TorchErrorFeedback(int(job["params"]))
             log.info("model %s: %d parameters on %s", job["model"], job["params"], self.device)
 
@@ -101,7 +118,7 @@ class TorchPort(ClientLinks):
                 return r.read()
 
         try:
-            return byte_tensor(await asyncio.to_thread(fetch))
+            return token_tensor(await asyncio.to_thread(fetch), self.vocab_size)
         except OSError as e:
             raise Disconnected(f"cannot fetch shard {index}: {e}") from e
 
@@ -130,22 +147,30 @@ class TorchPort(ClientLinks):
         return new, new.tobytes()
 
     async def train(self, node: Node, work: Work) -> list[float]:
-        load_flat_parameters(self.model, torch.from_numpy(work.model))
         started = time.time()
 
         def show(step: int, loss: float) -> None:
             rate = (step + 1) * work.batch * work.seq_len / max(time.time() - started, 1e-9)
+            self.metrics.inner_step(loss, rate)
             self.progress.show(f"round {work.round + 1} | step {step + 1}/{work.steps} | {rate:,.0f} tok/s | "
                                f"loss {loss:.3f} | {node.accepted} accepted")
 
-        return await asyncio.to_thread(inner_steps, self.model, work.shard, work.schedule, work.seq_len, work.lr,
-                                       work.weight_decay, show)
+        if self.ranks is not None:
+            losses = await asyncio.to_thread(self.ranks.train, work, show)
+        else:
+            load_flat_parameters(self.model, torch.from_numpy(work.model))
+            losses = await asyncio.to_thread(inner_steps, self.model, work.shard, work.schedule, work.seq_len,
+                                             work.lr, work.weight_decay, show)
+        self.metrics.trained(time.time() - started)
+        return losses
 
     async def encode(self, node: Node, work: Work) -> bytes:
-        pseudo_gradient = work.model - flat_parameters(self.model).numpy()
+        trained = self.ranks.trained() if self.ranks is not None else flat_parameters(self.model)
+        pseudo_gradient = work.model - trained.numpy()
         return self.error_feedback.encode(work.spec, torch.from_numpy(pseudo_gradient))
 
     def report(self, event: str, **f) -> None:
+        self.metrics.observe(event, f)
         if event == "state" and f["state"] == "connected":
             self.progress.show(f"joined {self.http_base} as {f['node_id'][:12]}… over {f['path']}", final=True)
         elif event == "state" and f["state"] == "reconnecting":
@@ -182,17 +207,19 @@ class TorchPort(ClientLinks):
 class Trainer:
     """`python -m server trainer`: one Node over a TorchPort. `run()` returns the exit code."""
 
-    def __init__(self, options: TrainerOptions):
+    def __init__(self, options: TrainerOptions, ranks: Leader | None = None):
         parts = urlsplit(options.coordinator)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise Refused(f"--coordinator must be an http(s) URL like http://127.0.0.1:8000, got {options.coordinator!r}")
         self.key = NodeKey.load_or_create(options.key_file) if options.key_file else NodeKey()
         ws_url = urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, "/ws", "", ""))
         self.port = TorchPort(ws_url, self.key, resolve_device(options.device),
-                              urlunsplit((parts.scheme, parts.netloc, "", "", "")), Progress(options.progress))
+                              urlunsplit((parts.scheme, parts.netloc, "", "", "")), Progress(options.progress),
+                              ranks)
         self.port.name, self.port.team = options.name, options.team
         self.node = Node(self.port, self.key.node_id, options.transport, options.max_rounds)
         self.listen = options.listen
+        self.metrics_address = (options.metrics_host, options.metrics_port) if options.metrics_port else None
         self.blob_server = BlobServer(self.node.swarm.serve_direct)
 
     async def run(self) -> int:
@@ -202,10 +229,16 @@ class Trainer:
             except (OSError, ListenError) as e:
                 raise Refused(f"--listen {self.listen[0]}:{self.listen[1]}: {e}") from None
             log.info("serving held blobs to peers at %s/blobs/{sha256}", self.port.blob_url)
+        if self.metrics_address is not None:
+            try:
+                self.port.metrics.serve(*self.metrics_address)
+            except OSError as e:
+                raise Refused(f"--metrics-port {self.metrics_address[1]}: {e}") from None
         try:
             return EXIT_CODES[(await self.node.run()).how]
         finally:
             await self.blob_server.close()
+            self.port.metrics.close()
 
 
 def configure_ice(options: TrainerOptions) -> None:

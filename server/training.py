@@ -14,10 +14,19 @@ import torch
 
 from server.model import GPT
 from shared.batches import ADAMW_BETAS, ADAMW_EPS
+from shared.tokens import BYTE_VOCAB, read_tokens
+
+
+def token_tensor(data: bytes, vocab_size: int = BYTE_VOCAB) -> torch.Tensor:
+    """A shard's (or the validation part's) token ids as int64, read in the width of the job's vocabulary
+    (shared.tokens.read_tokens, as every node reads them); TokenError for data that does not fit it."""
+    ids = read_tokens(data, vocab_size)
+    return torch.from_numpy(np.frombuffer(ids, dtype=np.uint8 if isinstance(ids, bytes) else np.uint16)
+                            .astype(np.int64))
 
 
 def byte_tensor(data: bytes) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+    return token_tensor(data, BYTE_VOCAB)
 
 
 def sample_batch(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator):
@@ -38,6 +47,12 @@ def batch_at(data: torch.Tensor, starts: list[int], seq_len: int) -> tuple[torch
     return windows[:, :-1], windows[:, 1:]
 
 
+def inner_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The fresh AdamW of a round's inner steps (shared.batches' betas and eps), over `model`'s parameters: one
+    process's, or a rank's (server.distributed)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=weight_decay)
+
+
 def inner_steps(model: GPT, data: torch.Tensor, schedule: list[list[int]], seq_len: int, lr: float,
                 weight_decay: float, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """One round's inner steps: an AdamW step per batch of `schedule` (shared.batches.batch_starts) on `data`,
@@ -45,8 +60,7 @@ def inner_steps(model: GPT, data: torch.Tensor, schedule: list[list[int]], seq_l
     place on its own device; returns each step's loss. `on_step(step, loss)` hears of each step as it ends.
     """
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
-                                  weight_decay=weight_decay)
+    optimizer = inner_optimizer(model, lr, weight_decay)
     model.train()
     losses = []
     for step, starts in enumerate(schedule):
@@ -61,9 +75,11 @@ def inner_steps(model: GPT, data: torch.Tensor, schedule: list[list[int]], seq_l
     return losses
 
 
-def validation_batches(data: bytes, seq_len: int, batch_size: int = 16, num_batches: int = 8, seed: int = 1234):
-    """A fixed set of evaluation batches, the same for every evaluation of a job."""
-    tensor = byte_tensor(data)
+def validation_batches(data: bytes, seq_len: int, batch_size: int = 16, num_batches: int = 8, seed: int = 1234,
+                       vocab_size: int = BYTE_VOCAB):
+    """A fixed set of evaluation batches, the same for every evaluation of a job; `data` holds ids of a
+    `vocab_size` vocabulary."""
+    tensor = token_tensor(data, vocab_size)
     gen = torch.Generator().manual_seed(seed)
     return [sample_batch(tensor, batch_size, seq_len, gen) for _ in range(num_batches)]
 

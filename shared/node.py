@@ -27,9 +27,9 @@ from shared.manifest import Manifest, ManifestError, assemble, cut, sha256_hex
 from shared.model import GPTConfig, num_parameters
 from shared.rewards import LedgerError, check_receipt, receipt_bytes
 from shared.swarm import Swarm, seeded
-from shared.wire import (Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest, PathSelect,
-                         PayloadHeader, Receipt, RoundClosed, RoundOpen, RoundStats, Sdp, Update, UpdateResult,
-                         Welcome, WireError, decode_message, payload_frames)
+from shared.wire import (NODE_STATES, Bye, Challenge, Error, FrameReceiver, Hello, IceCandidate, ModelRequest,
+                         NodeState, PathSelect, PayloadHeader, Receipt, RoundClosed, RoundOpen, RoundStats, Sdp,
+                         Update, UpdateResult, Welcome, WireError, decode_message, payload_frames)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 DATA_CHANNEL_TIMEOUT_S = 15.0  # then fall back to the WebSocket path (transport "auto")
@@ -41,6 +41,9 @@ RECONNECT_MAX_S = 10.0
 DELTA_STDLIB_MAX_BYTES = 4 * 4_000_000
 REMOVED_CODES = ("quarantined", "denied")  # a fatal Error with one of these ends the node: retrying cannot help
 TRANSPORTS = ("auto", "webrtc", "websocket")
+MIN_SHARE = 0.1  # the lowest GPU share (compute time over the inner steps' wall time) a user may choose
+PAUSE_POLL_S = 0.1  # how soon a paused node notices Resume, Finish or Stop
+_MODE_CHANGED = object()  # put in the inbox by pause/resume/finish, so that an idle node tells the coordinator
 
 
 class NodeError(Exception):
@@ -61,6 +64,10 @@ class JobFinished(NodeError):
 
 class Stopped(NodeError):
     """The node was asked to stop (the user pressed Stop, the simulator churned it out)."""
+
+
+class RoundDropped(NodeError):
+    """The round in hand closed while this node was paused: its work is dropped, and the node carries on."""
 
 
 class Phase(str, enum.Enum):
@@ -211,7 +218,8 @@ class NodePort:
         """Called when the round is ready to train, before its training time starts counting."""
 
     async def train(self, node: "Node", work: Work) -> list[float]:
-        """work.steps AdamW steps from a fresh optimizer, from work.model, on the schedule; the losses."""
+        """work.steps AdamW steps from a fresh optimizer, from work.model, on the schedule; the losses. A port that
+        offers pause and the GPU share awaits node.between_steps(work, seconds) before each group of steps."""
         raise NotImplementedError
 
     async def encode(self, node: "Node", work: Work) -> bytes:
@@ -223,7 +231,8 @@ class NodePort:
         """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "delta",
         "blobs" or "link", its hash, and the bytes that came from peers and from the coordinator; for blobs, also
         from_peers_direct: of the bytes from peers, those fetched from their blob URLs), "uploaded",
-        "update", "round_closed", "receipt", "notice", "finished", "fatal"."""
+        "update", "round_closed", "receipt", "notice", "finished", "fatal", and "mode" (pause, resume, finish: `mode`
+        is "paused", "active" or "finishing")."""
 
 
 class Node:
@@ -255,6 +264,13 @@ class Node:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._answer: asyncio.Future | None = None
         self._receivers: dict[str, FrameReceiver] = {}
+        # the user's controls (see "controls" below): the mode the user chose (NODE_STATES) and the one the
+        # coordinator last heard in this session; the GPU share; this round's rests, kept out of its compute time
+        self.mode, self._told_mode = "active", "active"
+        self.share = 1.0
+        self._closed_round = -1  # the newest RoundClosed heard, as soon as it arrives
+        self._rests_round: int | None = None
+        self._paused_s = self._duty_s = 0.0
 
     # -- what the port calls -------------------------------------------------------------------------------
 
@@ -277,6 +293,8 @@ class Node:
             elif self._answer is not None and not self._answer.done() and item.sdp_type == "answer":
                 self._answer.set_result(item)
         elif item is not None and not isinstance(item, IceCandidate):
+            if isinstance(item, RoundClosed):  # read now: a node paused mid-round drops the round if it closed
+                self._closed_round = max(self._closed_round, item.round)
             self._inbox.put_nowait(item)
 
     def lost(self, source: str, reason: str) -> None:
@@ -295,6 +313,98 @@ class Node:
         """Leave cleanly at the next opportunity: a goodbye to the coordinator, then the links close."""
         self.stopped = True
         self._inbox.put_nowait(Stopped("stopped"))
+
+    # -- controls: pause, finish this round, the GPU share (the user's; any driver may offer them) -------------
+
+    def pause(self) -> None:
+        """Stop between inner steps, keeping the round's state; the coordinator is told, so that it assigns this
+        node nothing and waits for nothing from it (no penalty) until resume()."""
+        self._set_mode("paused")
+
+    def resume(self) -> None:
+        """Carry on after pause(): the round in hand if it is still open, else the coordinator's current one."""
+        if self.mode == "paused":
+            self._set_mode("active")
+
+    def finish(self) -> None:
+        """Send the update of the round in hand (of the next one, when none is), then leave as stop() does."""
+        self._set_mode("finishing")
+
+    def set_share(self, share: float) -> None:
+        """The GPU share: between_steps rests so that compute time over the inner steps' wall time is `share`."""
+        if not MIN_SHARE <= share <= 1.0:
+            raise ValueError(f"the GPU share must lie in [{MIN_SHARE}, 1], not {share!r}")
+        self.share = float(share)
+
+    def _set_mode(self, mode: str) -> None:
+        if mode not in NODE_STATES:
+            raise ValueError(f"mode must be one of {NODE_STATES}, not {mode!r}")
+        if mode != self.mode:
+            self.mode = mode
+            self._inbox.put_nowait(_MODE_CHANGED)  # an idle node tells the coordinator at once
+            self.port.report("mode", mode=mode)
+
+    async def between_steps(self, work: Work, compute_seconds: float = 0.0) -> None:
+        """The port's hook between groups of inner steps (and before the first): `compute_seconds` is what the group
+        just done took. Rests for the GPU share, tells the coordinator of a changed mode, and holds while paused.
+        Raises Stopped, or RoundDropped when the round closed during a pause."""
+        if self._rests_round != work.round:  # the round's first call: its rests start from nothing
+            self._rests_round, self._paused_s, self._duty_s = work.round, 0.0, 0.0
+        if self.stopped:
+            raise Stopped("stopped")
+        if compute_seconds > 0 and self.share < 1.0:
+            started = time.monotonic()
+            deadline = started + compute_seconds * (1.0 / self.share - 1.0)
+            while self.mode != "paused" and not self.stopped and time.monotonic() < deadline:
+                await asyncio.sleep(min(PAUSE_POLL_S, deadline - time.monotonic()))
+            self._duty_s += time.monotonic() - started
+        self._paused_s += await self._hold_while_paused(work.round)
+
+    async def _hold_while_paused(self, round_: int) -> float:
+        """Wait while paused (telling the coordinator first and after); the seconds it waited. RoundDropped when
+        round `round_` closed meanwhile, Stopped on stop()."""
+        started, paused = time.monotonic(), self.mode == "paused"
+        await self._tell_mode()
+        while self.mode == "paused" and not self.stopped:
+            await asyncio.sleep(PAUSE_POLL_S)
+        if self.stopped:
+            raise Stopped("stopped")
+        await self._tell_mode()  # (also when resumed while the pause was being told)
+        if paused and self._closed_round > round_:
+            raise RoundDropped(f"round {round_ + 1} closed while this node was paused; its work is dropped, and the "
+                               "node carries on with the coordinator's current round")
+        return time.monotonic() - started if paused else 0.0
+
+    async def _tell_mode(self) -> None:
+        """Tell the coordinator the mode, when it changed since it last heard, and a link is up to tell it on."""
+        if self.mode != self._told_mode and self.phase not in (Phase.JOINING, Phase.RECONNECTING, Phase.LEFT):
+            mode = self.mode  # (the user may change it again while it is being sent)
+            await self._send(NodeState(mode).encode())
+            self._told_mode = mode
+
+    async def restore_receipts(self, coordinator_id: str, kept: list[dict]) -> None:
+        """Receipts a driver kept from earlier sessions with coordinator `coordinator_id` (a reloaded page's:
+        {"entry", "signature"} each), checked again as on arrival and reported; those that fail are left out."""
+        if self.coordinator_id not in ("", coordinator_id):
+            return  # another coordinator's: not this job's books
+        self.coordinator_id = coordinator_id
+        for r in kept:
+            try:
+                receipt = Receipt(r["entry"], r["signature"])
+                if not isinstance(receipt.entry, dict) or not isinstance(receipt.signature, str):
+                    raise WireError("a kept receipt is an entry and a signature")
+                receipt.check()
+            except (KeyError, TypeError, WireError) as e:
+                self.port.report("notice", message=f"ignoring a kept receipt that is not one: {e}")
+                continue
+            await self._keep_receipt(receipt)
+
+    def training_time(self, started: float) -> tuple[float, float]:
+        """(the inner steps' wall time since `started`, less pauses: the node's speed as the GPU share makes it;
+        the part of that spent computing, less the share's rests) for the round between_steps last saw. A port
+        that never calls between_steps rests nowhere: both are the wall time."""
+        wall = max(0.0, time.time() - started - self._paused_s)
+        return wall, max(0.0, wall - self._duty_s)
 
     # -- lifetime ------------------------------------------------------------------------------------------
 
@@ -353,7 +463,9 @@ class Node:
         self.path = await self._open_link()
         self.phase = Phase.IDLE
         self.port.report("state", state="connected", path=self.path, node_id=self.node_id)
+        self._told_mode = "active"  # a new session starts active: a paused or finishing node says so again
         try:
+            await self._tell_mode()
             await self._serve()
         except Stopped:
             await self._leave("stopped")
@@ -433,6 +545,9 @@ class Node:
 
     async def _next(self, timeout: float | None = None):
         item = await (asyncio.wait_for(self._inbox.get(), timeout) if timeout else self._inbox.get())
+        while item is _MODE_CHANGED:
+            await self._tell_mode()
+            item = await (asyncio.wait_for(self._inbox.get(), timeout) if timeout else self._inbox.get())
         if isinstance(item, Exception):
             raise item
         if isinstance(item, Bye):
@@ -469,7 +584,8 @@ class Node:
         amount = sum(leg.amount for leg in entry.postings if leg.account == self.node_id)
         stake = sum(leg.amount for leg in entry.postings if leg.account != self.node_id and self.node_id in leg.account)
         self.port.report("receipt", kind=entry.kind, round=entry.round, seq=entry.seq, amount=amount,
-                         stake_change=stake, balance=self.balance, hash=entry.hash, verified=True)
+                         stake_change=stake, balance=self.balance, hash=entry.hash, verified=True,
+                         entry=receipt.entry, signature=receipt.signature, coordinator=self.coordinator_id)
 
     # -- rounds --------------------------------------------------------------------------------------------
 
@@ -480,10 +596,17 @@ class Node:
             item = pending or await self._next()
             pending = None
             if isinstance(item, RoundOpen):
-                pending = await self._round(item)
+                try:
+                    await self._hold_while_paused(item.round)
+                    pending = await self._round(item)
+                except RoundDropped as e:
+                    self.port.report("notice", message=str(e))
                 if self.max_rounds and self.rounds_done >= self.max_rounds:
                     await self._leave(f"completed {self.rounds_done} round(s)")
                     raise JobFinished(f"completed {self.rounds_done} round(s)")
+                if self.mode == "finishing":
+                    self.stopped = True
+                    raise Stopped("finished the round, as asked")  # _session says goodbye
 
     async def _round(self, assignment: RoundOpen) -> RoundOpen | None:
         """Train one assignment and upload it. Returns a newer RoundOpen that arrived meanwhile, if any."""
@@ -513,8 +636,8 @@ class Node:
         self.phase = Phase.TRAINING
         started = time.time()
         losses = await self.port.train(self, work)
-        seconds = time.time() - started
-        self._trained = (assignment.round, received, seconds)
+        seconds, compute = self.training_time(started)
+        self._trained = (assignment.round, received, compute)
         try:
             if not all(math.isfinite(x) for x in losses):  # a handful of floats, not tensor data
                 raise compress.CodecError("the loss is not finite")

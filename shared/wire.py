@@ -439,6 +439,21 @@ class RoundStats(Message):
               "[0, wall_seconds]")
 
 
+NODE_STATES = ("active", "paused", "finishing")
+
+
+@message("node_state")
+class NodeState(Message):
+    """Node -> coordinator, over its admitted link (so bound to its signed session): "paused" (assign it nothing and
+    wait for nothing from it, without penalty, until "active" again) or "finishing" (it sends its update for the
+    round in hand, then leaves)."""
+
+    state: str
+
+    def check(self):
+        _need(self.state in NODE_STATES, f"state must be one of {NODE_STATES}")
+
+
 # -- between two nodes (a peer link: shared/swarm.py) ------------------------------------------------------
 
 

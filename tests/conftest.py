@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures: one PostgreSQL server a session
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,12 +83,15 @@ class Process:
 
 
 class Coordinator(Process):
-    def __init__(self, tmp: Path, data_dir: Path, *extra: str, port: int | None = None):
+    def __init__(self, tmp: Path, data_dir: Path, *extra: str, port: int | None = None, store: str | None = None,
+                 env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
-        super().__init__(["-m", "server", "--port", str(self.port), "--data-dir", str(data_dir), *extra],
-                         tmp / f"coordinator-{self.port}-{time.monotonic_ns()}.log")
+        self.store = store  # a postgresql:// URL, or None: SQLite in the data directory
+        super().__init__(["-m", "server", "--port", str(self.port), "--data-dir", str(data_dir),
+                          *(["--store", store] if store else []), *extra],
+                         tmp / f"coordinator-{self.port}-{time.monotonic_ns()}.log", env)
 
     def status(self) -> dict:
         return self.status_of("/api/status")
@@ -145,14 +150,23 @@ sys.exit(main())
 """
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request) -> str | None:
+    """Where a test's coordinator keeps its state, once per database: None (SQLite, in its data directory) or a
+    fresh PostgreSQL database's URL. Pass it to processes.coordinator(store=...)."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def processes(tmp_path, request):
     """Start processes through this; all are stopped after the test, and their logs printed if it failed."""
     started: list[Process] = []
 
     class Factory:
-        def coordinator(self, *extra: str, data_dir: Path | None = None, port: int | None = None) -> Coordinator:
-            c = Coordinator(tmp_path, data_dir or tmp_path / "data", *extra, port=port)
+        def coordinator(self, *extra: str, data_dir: Path | None = None, port: int | None = None,
+                        store: str | None = None, env: dict | None = None) -> Coordinator:
+            """A `python -m server` coordinator; `store` keeps its state in PostgreSQL (a postgresql:// URL)."""
+            c = Coordinator(tmp_path, data_dir or tmp_path / "data", *extra, port=port, store=store, env=env)
             started.append(c)
             return c
 

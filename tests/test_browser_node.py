@@ -22,7 +22,7 @@ from server.keys import verify as verify_signature
 from shared import compress
 from shared.batches import batch_starts
 from shared.model import GPTConfig, num_parameters
-from shared.node import Work
+from shared.node import Node, Work
 from shared.rewards import Ledger, RewardTerms
 from shared.wire import (Bye, Challenge, Error, FrameReceiver, Have, Hello, Missing, ModelRequest, PathSelect, Receipt,
                          RoundClosed, RoundOpen, Sdp, RoundStats, Update, UpdateResult, Want, Welcome, decode_message,
@@ -84,7 +84,7 @@ def work(codec: str, round_: int = 0) -> Work:
 async def encode_rounds(port: BrowserPort, codecs: list[str], gradients: list[list[float]]) -> list[bytes]:
     """One round per codec, as the Node runs it: train, then encode."""
     FakeTrainer.gradients = [list(g) for g in gradients]
-    node = SimpleNamespace(stopped=False)
+    node = Node(port, "ab" * 32)  # the real node's between-steps hook, before its session (nothing to tell)
     payloads = []
     for i, codec in enumerate(codecs):
         await port.train(node, work(codec, i))
@@ -175,7 +175,7 @@ def test_train_runs_the_schedule_from_the_round_model_and_fresh_adamw():
     port = new_port(SimpleNamespace(report=lambda text: reports.append(json.loads(text))))
     FakeTrainer.gradients = [ROUND1]
     w = dataclasses.replace(work("fp32"), model=b"\x01" * (4 * N))
-    losses = asyncio.run(port.train(SimpleNamespace(stopped=False), w))
+    losses = asyncio.run(port.train(Node(port, "ab" * 32), w))
     assert losses == pytest.approx([3.0, 2.9, 2.8])
     assert port.trainer.loaded == [w.model] and port.trainer.resets == 1
     assert port.trainer.batches == batches_at(SHARD, w.schedule, SEQ)

@@ -69,6 +69,19 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def torch_training_losses(model: GPT, batches, hyper: dict) -> list[float]:
+    """Train `model` in place with one torch AdamW step (`hyper`) per (tokens, targets) batch; each step's loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), **hyper)
+    losses = []
+    for tokens, targets in batches:
+        optimizer.zero_grad()
+        _, loss = model(tokens, targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def assert_each_parameter_close(cfg: GPTConfig, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     errors = {
         spec.name: relative_error(
@@ -141,14 +154,7 @@ def test_train_steps_match_torch_training(device, shape):
     trainer = DeviceTrainer(device, cfg, as_array(flat_parameters(model)), max_batch_size=batch)
     generator = torch.Generator().manual_seed(5)
     batches = [random_batch(batch, seq, generator) for _ in range(2)]
-    optimizer = torch.optim.AdamW(model.parameters(), **hyper)
-    expected_losses = []
-    for tokens, targets in batches:
-        optimizer.zero_grad()
-        _, loss = model(tokens, targets)
-        loss.backward()
-        optimizer.step()
-        expected_losses.append(loss.item())
+    expected_losses = torch_training_losses(model, batches, hyper)
 
     losses = run(trainer.train_steps([(as_bytes(t), as_bytes(y)) for t, y in batches], seq_len=seq, **hyper))
 

@@ -22,7 +22,7 @@ from server.codecs import encode_torch
 from shared import compress
 from shared.batches import batch_starts
 from shared.model import GPTConfig, num_parameters
-from shared.node import Work
+from shared.node import Node, Work
 
 
 def run(coroutine):
@@ -100,7 +100,7 @@ def test_the_browser_port_encodes_sparseloco_on_the_gpu_and_hands_its_residual_t
     port.prepare({}, CFG)
     reference = compress.ErrorFeedback(n)
     model = array("f", (random.Random(4).gauss(0, 0.02) for _ in range(n))).tobytes()
-    node = SimpleNamespace(stopped=False)
+    node = Node(port, "ab" * 32)  # the real node's between-steps hook, before its session (nothing to tell)
     for round_, codec in enumerate(["sparseloco:chunk=512,k=16", "sparseloco:chunk=512,k=16", "int8"]):
         round_work = work(round_, codec, model)
         run(port.train(node, round_work))

@@ -1,17 +1,21 @@
 """The coordinator: it wires one job's parts together and runs the round loop. A round opens with the strategy's
 config, collects updates through intake until every assigned node reported or the deadline passed, then closes:
-the judge, the strategy's aggregate and outer step, the checkpoint, the books and one store commit.
+the judge, the strategy's aggregate and outer step and the new model's publication; the next round opens at once,
+while the closed round's scores, validation loss, checkpoint and books settle and commit in one store transaction.
 
-It knows nothing of transports (intake talks to sessions). Never make a round's model current before its commit:
-until then nodes are served the last committed one, and a failed close leaves it in place.
+It knows nothing of transports (intake talks to sessions). Never commit a round before the one it follows, and never
+keep a model the store could not commit: a failed settle takes the model back to the last commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ from server.coordinator.governor import Governor
 from server.coordinator.intake import Intake, NodeSession, Refusal
 from server.coordinator.job import JobConfig, load_job, load_model
 from server.coordinator.judge import Judge
+from server.coordinator.model_state import GlobalModel
 from server.coordinator.open_round import DecidedUpdate, OpenRound
 from server.coordinator.status import status
 from server.coordinator.store import RoundRecord, Store
@@ -30,21 +35,40 @@ from server.coordinator.strategy import RoundStrategy
 from server.coordinator.tracker import DEFAULT_PEERS, advise
 from server.corpus import Corpus
 from server.keys import NodeKey
+from server.tokenizer import job_corpus
 from shared import compress
 from shared.agent import CoordinatorObservation, CoordinatorPolicy, standing
 from shared.identity import signing_bytes
-from shared.model import model_config, num_parameters
+from shared.model import num_parameters, training_memory
 from shared.rewards import round_record_bytes
 from shared.wire import Bye, Error, Message, PayloadHeader, Receipt, RoundClosed
 
 log = logging.getLogger("swarmgrad.coordinator")
 
 DEADLINE_MARGIN = 2.0  # the deadline is this many times the 90th percentile of the nodes' round times
+# fault injection for tests: seconds each settle waits before its work, so that a test can kill the process while
+# a round settles
+SETTLE_DELAY_ENV = "SWARMGRAD_FAULT_SETTLE_DELAY_S"
+
+
+@dataclass(eq=False)
+class Settle:
+    """A closed round whose model is published and trained on, while its books settle: what `_settle` needs."""
+
+    round: OpenRound
+    accepted: list[DecidedUpdate]  # aggregated or not, in arrival order
+    governed: dict  # the governed parameters the round closed with
+    before: GlobalModel  # the model the round trained on (and its updates are scored on)
+    checkpoint: Checkpoint  # the new model and momentum
+    closed_at: float
+    bytes_sent: int  # what the coordinator sent while the round was open
+    residual_before: torch.Tensor | None  # the delta's residual before this round, for a take-back
 
 
 class Coordinator:
     def __init__(self, data_dir: Path, job: JobConfig, corpus: Corpus, store: Store | None = None,
-                 rules_toml: str | None = None, peers: int = DEFAULT_PEERS, ice_servers: Sequence[dict] = ()):
+                 rules_toml: str | None = None, peers: int = DEFAULT_PEERS, ice_servers: Sequence[dict] = (),
+                 settle_in_background: bool = True):
         self.data_dir = data_dir
         self.peers = peers  # peer links the tracker advises per node; 0 = the star (every byte from here)
         # STUN/TURN servers for every peer connection (RTCIceServer dictionaries, server.net.rtc.ice_server_list), from
@@ -54,7 +78,8 @@ class Coordinator:
         self.key = NodeKey.load_or_create(data_dir / "coordinator.key")
         self.corpus = corpus
         self.job = load_job(self.store, data_dir, corpus, job)
-        self.cfg = model_config(self.job.model)
+        corpus = self.corpus = job_corpus(self.store, data_dir, corpus, self.job)  # the job's token ids
+        self.cfg = self.job.gpt_config()
         self.n_params = num_parameters(self.cfg)
         self.codec = compress.parse_codec(self.job.codec)
         self.governor = Governor(self.store, self.key, self.job.governed(), rules_toml)
@@ -72,6 +97,14 @@ class Coordinator:
         self.intake_errors = 0  # settle and commit failures survived (each logged once, with its cause)
         self.changed = asyncio.Event()  # a session came or went, or an update was decided
         self.open_round: OpenRound | None = None
+        # the commit is off the critical path: the next round opens once the new model is published, and the
+        # closed round's scores, validation loss and books settle meanwhile (False: each close waits for its settle)
+        self.settle_in_background = settle_in_background
+        self.settle_delay = float(os.environ.get(SETTLE_DELAY_ENV, "0") or 0)
+        self.settling: Settle | None = None
+        self.turnarounds: list[float] = []  # per round: seconds from the last update of the round before to its opening
+        self._last_update_at: float | None = None
+        self._settle_task: asyncio.Task | None = None
         self.model = load_model(self.store, data_dir, self.key, self.job, self.strategy)
         self.blobs = BlobStore(self.key)  # the model's chunks and signed manifest, for GET /api/blobs/{sha256}
         self.blobs.publish(self.model.round, self.model.bytes)
@@ -101,10 +134,13 @@ class Coordinator:
         servers, whose TURN credentials only with `credentials` (a node's Welcome), never in public views."""
         p = self.governor.params
         return {"model": self.job.model, "config": self.cfg.to_dict(), "params": self.n_params,
+                "tokenizer": self.job.tokenizer,
                 "inner_steps": int(p["inner_steps"]), "batch": int(p["batch"]), "lr": float(p["lr"]),
                 "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec),
                 "delta_codec": compress.format_codec(self.strategy.delta_codec), "rounds": self.job.rounds,
                 "deadline_seconds": self.deadline_seconds,
+                # what a node needs to train it (a browser checks largest_buffer_bytes against its WebGPU limits)
+                "memory": training_memory(self.cfg, int(p["batch"])).to_dict(),
                 "ice_servers": [s if credentials else {"urls": s["urls"]} for s in self.ice_servers]}
 
     def model_signature(self, round_: int, hash_: str) -> str:
@@ -153,7 +189,7 @@ class Coordinator:
 
     def _round_complete(self, rnd: OpenRound) -> bool:
         reported = rnd.reported
-        waiting = [s for s in self.intake.ready_sessions()
+        waiting = [s for s in self.intake.assignable_sessions()  # a paused node is not waited for
                    if s.node_id in rnd.assignments and s.node_id not in reported]
         return bool(rnd.accepted) and (not waiting or time.time() >= rnd.deadline)
 
@@ -161,9 +197,11 @@ class Coordinator:
         """Open, wait for and close rounds until the job's round count is reached (forever when 0)."""
         while not self.finished:
             if self.job.rounds and self.round >= self.job.rounds:
-                await self._finish()
-                return
-            while not self.intake.ready_sessions():
+                await self.settled()
+                if self.round >= self.job.rounds:  # (a settle that failed took the last round back)
+                    await self._finish()
+                    return
+            while not self.intake.assignable_sessions():
                 self.changed.clear()
                 await self.changed.wait()
             self.intake.expire_pending()
@@ -171,15 +209,20 @@ class Coordinator:
             rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config(),
                             bytes_sent_before=self.bytes_sent())
             self.intake.opened(rnd)
-            rnd.advice = advise([s.node_id for s in self.intake.ready_sessions()], self.peers, rnd.round)
+            rnd.advice = advise([s.node_id for s in self.intake.assignable_sessions()], self.peers, rnd.round)
             self.open_round = rnd
+            turnaround = ""
+            if self._last_update_at is not None:
+                self.turnarounds.append(now - self._last_update_at)
+                turnaround, self._last_update_at = f", {self.turnarounds[-1]:.2f}s after the last update", None
             # logs count rounds as status does: round N is the one whose commit completes N rounds
-            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs", rnd.round + 1,
-                     len(self.intake.ready_sessions()), rnd.config["inner_steps"], self.deadline_seconds)
-            for s in self.intake.ready_sessions():
+            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs%s", rnd.round + 1,
+                     len(self.intake.assignable_sessions()), rnd.config["inner_steps"], self.deadline_seconds,
+                     turnaround)
+            for s in self.intake.assignable_sessions():
                 await self.intake.assign(s, rnd)
             await self.intake.replay_deferred(rnd)
-            while not self._round_complete(rnd):
+            while not rnd.abandoned and not self._round_complete(rnd):
                 if time.time() >= rnd.deadline and not rnd.accepted:
                     rnd.deadline = time.time() + self.deadline_seconds  # nothing arrived: keep waiting
                     log.info("round %d: no update by the deadline; extended", rnd.round + 1)
@@ -188,13 +231,22 @@ class Coordinator:
                     await asyncio.wait_for(self.changed.wait(), max(0.05, rnd.deadline - time.time()))
                 except asyncio.TimeoutError:
                     pass
+            await self.settled()  # the round before commits first: one settle at a time, in round order
+            if rnd.abandoned:  # its model was taken back with the round before it
+                await self._abandon_round(rnd, None)
+                continue
             try:
                 await self._close_round(rnd)
             except Exception as e:  # noqa: BLE001 - a round's failure must never stop the coordinator
                 await self._abandon_round(rnd, e)
 
     async def _close_round(self, rnd: OpenRound) -> None:
+        """The critical path: judge, aggregate, take the outer step and publish the new model, which the next
+        round then trains on at once. Its scores, validation loss, checkpoint and books settle in the background
+        (`_settle`), and the store commits them all in one transaction."""
         rnd.closing = True  # from now on intake defers updates to the next round, so `accepted` holds still
+        closed_at = time.time()
+        self._last_update_at = max((u.received_at for u in rnd.updates.values()), default=closed_at)
         # copies and spot checks leave before anything is aggregated; all of it off the event loop (seconds at 10M)
         await asyncio.to_thread(self.judge.judge, rnd, rnd.accepted, self.model, self.governor)
         accepted = rnd.accepted
@@ -202,82 +254,163 @@ class Coordinator:
         values = [a.values for a in accepted]
         grad, discarded = await asyncio.to_thread(self.strategy.aggregate, rnd.round, values,
                                                   [a.weight for a in accepted], governed)
-        val_loss, ckpt, path, sha, delta = await asyncio.to_thread(self._step, rnd, accepted, grad, governed)
+        params, momentum, payload, residual = await asyncio.to_thread(self._step, grad, governed)
         for i, a in enumerate(accepted):
             a.aggregated = i not in discarded
         new_round = rnd.round + 1
-        # the books: every decided update, then the rules for the next round, then the next deadline
-        trusted = self.job.verify_share == 0  # with checks off, accepted work is trusted
-        updates = list(rnd.updates.values())
-        entries = self.governor.settle(new_round, [o for o in (u.outcome(trusted) for u in updates) if o is not None])
-        for node_id, why in self.governor.failures:
-            self.intake_errors += 1
-            log.error("round %d: the books refused an entry for %s and the round commits without it: %s",
-                      new_round, node_id[:12], why)
+        # the rules for the next round, weighed with the reputation of the last settled round
         for change in self.governor.boundary(new_round):
             log.info("governance: %s %s -> %s takes effect in round %d", change.kind, change.target, change.after,
                      new_round)
-        self._adapt(rnd)
-        rejected = sum(1 for u in updates if not u.accepted)
-        head, model_hash = self.governor.ledger.head, ckpt.model_hash
-        record = RoundRecord(new_round, model_hash, path.name, sha, val_loss, len(accepted), rejected,
-                             sum(u.update.tokens for u in accepted), rnd.bytes_received, rnd.opened_at, time.time(),
-                             rnd.deadline, head, self.key.sign(round_record_bytes(new_round, model_hash, head)),
-                             self.bytes_sent() - rnd.bytes_sent_before)
-        books = self.governor.snapshot()
-        self.store.commit_round(record, [u.record() for u in updates], books["ledger"],
-                                self.governor.ledger.balances(), books["meta"], books["proposals"])
-        self.governor.committed()
-        self.model.advance(ckpt)  # only after the commit does the new model become current
-        payload, self.strategy.delta_residual = delta
-        self.blobs.publish(self.model.round, self.model.bytes, (self.model.previous_hash,
-                                                                 compress.format_codec(self.strategy.delta_codec),
-                                                                 payload))
+        before = dataclasses.replace(self.model)  # (arrays are never written in place: sharing them is safe)
+        settle = Settle(rnd, accepted, governed, before, Checkpoint(new_round, params, momentum), closed_at,
+                        self.bytes_sent() - rnd.bytes_sent_before, self.strategy.delta_residual)
+        self.model.advance(settle.checkpoint)  # the model is current from here; it is committed when it settles
+        try:
+            self.blobs.publish(self.model.round, self.model.bytes, (self.model.previous_hash,
+                                                                     compress.format_codec(self.strategy.delta_codec),
+                                                                     payload))
+        except BaseException:
+            self.model = before
+            raise
+        self.strategy.delta_residual = residual
         self.open_round = None
+        self.settling = settle
+        # a round that refused work settles before the next one opens: its slashes move reputation, and a node the
+        # rules now quarantine must not be handed that round (honest rounds, the common case, settle behind it)
+        refused = any(u.decision is not None and not u.accepted for u in rnd.updates.values())
+        log.info("round %d closed: %d accepted, %s", new_round, len(accepted),
+                 "settling before the next round opens" if refused or not self.settle_in_background
+                 else "settling in the background")
+        if self.settle_in_background and not refused:
+            self._settle_task = asyncio.create_task(self._settle(settle), name=f"settle round {new_round}")
+        else:
+            await self._settle(settle)
+
+    def _step(self, grad: np.ndarray | None, governed: dict):
+        """The outer step and its delta as nodes will apply it, in a worker thread: (the parameters every node
+        will hold, the momentum, the encoded delta, its residual)."""
+        params, momentum = self.strategy.outer_step(self.model, grad, governed)
+        params, payload, residual = self.strategy.delta(self.model, params)  # what every node will hold
+        return params, momentum, payload, residual
+
+    @property
+    def settling_round(self) -> OpenRound | None:
+        """The closed round whose books are settling (its decisions are not in the store yet), if any."""
+        return self.settling.round if self.settling is not None else None
+
+    def committed_rounds(self) -> int:
+        """Rounds committed to the store: `round`, or one fewer while a round settles."""
+        last = self.store.last_round()
+        return 0 if last is None else last.round
+
+    async def settled(self) -> None:
+        """Wait until no round is settling."""
+        task = self._settle_task
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _settle(self, s: Settle) -> None:
+        """Score the round's updates, measure the validation loss and write the checkpoint (in a worker thread),
+        then settle the books and commit the round in one store transaction; then receipts and RoundClosed. A
+        failure takes the model back to the last commit (`_take_back`)."""
+        new_round = s.checkpoint.round
+        try:
+            if self.settle_delay:  # fault injection for tests: a wide window in which to kill the process
+                await asyncio.sleep(self.settle_delay)
+            val_loss, path, sha = await asyncio.to_thread(self._score_and_save, s)
+            updates = list(s.round.updates.values())
+            trusted = self.job.verify_share == 0  # with checks off, accepted work is trusted
+            entries = self.governor.settle(new_round, [o for o in (u.outcome(trusted) for u in updates)
+                                                       if o is not None])
+            for node_id, why in self.governor.failures:
+                self.intake_errors += 1
+                log.error("round %d: the books refused an entry for %s and the round commits without it: %s",
+                          new_round, node_id[:12], why)
+            self._adapt(rnd := s.round)  # the deadline from the next round opened on, and quarantines
+            rejected = sum(1 for u in updates if not u.accepted)
+            head, model_hash = self.governor.ledger.head, s.checkpoint.model_hash
+            record = RoundRecord(new_round, model_hash, path.name, sha, val_loss, len(s.accepted), rejected,
+                                 sum(u.update.tokens for u in s.accepted), rnd.bytes_received, rnd.opened_at,
+                                 s.closed_at, rnd.deadline, head,
+                                 self.key.sign(round_record_bytes(new_round, model_hash, head)), s.bytes_sent)
+            books = self.governor.snapshot()
+            self.store.commit_round(record, [u.record() for u in updates], books["ledger"],
+                                    self.governor.ledger.balances(), books["meta"], books["proposals"])
+        except Exception as e:  # noqa: BLE001 - a round's failure must never stop the coordinator
+            self.settling = self._settle_task = None
+            await self._take_back(s, e)
+            return
+        self.governor.committed()
         high = self.governor.governance.rules.bounds("storage", "checkpoints_kept").high
         prune_checkpoints(self.data_dir / "checkpoints", None if high is None else int(high))
-        log.info("round %d committed: %d accepted, %d rejected, validation loss %.4f", self.round, len(accepted),
-                 rejected, val_loss)
+        log.info("round %d committed: %d accepted, %d rejected, validation loss %.4f", new_round,
+                 len(s.accepted), rejected, val_loss)
         for entry in entries:
             session = self.sessions.get(entry.node)
             if session is not None and entry.kind in ("reward", "slash"):
                 await self.intake.send(session, Receipt(entry.to_dict(), self.governor.sign_receipt(entry)))
-        for s in self.intake.ready_sessions():
-            await self.intake.send(s, RoundClosed(self.round, val_loss, len(accepted), rejected))
+        for session in self.intake.ready_sessions():
+            await self.intake.send(session, RoundClosed(new_round, val_loss, len(s.accepted), rejected))
         for node_id, decision in list(self.policy.quarantined.items()):
             session = self.sessions.get(node_id)
             if session is not None:
                 await self.remove(session, Error("quarantined", "; ".join(decision.reasons), fatal=True))
+        self.settling = self._settle_task = None
+        self.changed.set()
 
-    def _step(self, rnd: OpenRound, accepted: list[DecidedUpdate], grad: np.ndarray | None, governed: dict):
-        """Quality scores, the outer step, its delta as nodes will apply it, validation and the checkpoint, in a
-        worker thread: (validation loss, the checkpoint, its path, its sha256, (encoded delta, its residual))."""
-        qualities = self.strategy.qualities(self.model, [a.values for a in accepted], governed)
-        for a, quality in zip(accepted, qualities):
+    def _score_and_save(self, s: Settle):
+        """Each accepted update's quality (on the model it was computed on), the new model's validation loss and
+        its checkpoint file: (validation loss, checkpoint path, its sha256)."""
+        qualities = self.strategy.qualities(s.before, [a.values for a in s.accepted], s.governed)
+        for a, quality in zip(s.accepted, qualities):
             a.quality_ppm = quality
-        params, momentum = self.strategy.outer_step(self.model, grad, governed)
-        params, payload, residual = self.strategy.delta(self.model, params)  # what every node will hold
-        val_loss = self.strategy.evaluate(params)
-        ckpt = Checkpoint(rnd.round + 1, params, momentum)
-        path, sha = write_checkpoint(self.data_dir / "checkpoints", ckpt)
-        return val_loss, ckpt, path, sha, (payload, residual)
+        val_loss = self.strategy.evaluate(s.checkpoint.params)
+        path, sha = write_checkpoint(self.data_dir / "checkpoints", s.checkpoint)
+        return val_loss, path, sha
 
-    async def _abandon_round(self, rnd: OpenRound, error: BaseException) -> None:
-        """A round whose close failed is not committed: the books go back to the last commit, the nodes are told,
-        and the next round opens on the same model. The coordinator carries on."""
+    async def _take_back(self, s: Settle, error: BaseException) -> None:
+        """A round that could not be committed does not count: the model, the delta's residual and the books go
+        back to the last commit, the round opened on its model since is abandoned, and the nodes are told."""
         self.intake_errors += 1
-        if self.round > rnd.round:  # it failed after its commit: the round counts, and the books are right
-            log.error("after committing round %d", self.round, exc_info=error)
-            return
-        log.error("round %d could not be closed and is abandoned; the next round opens on the same model",
-                  rnd.round + 1, exc_info=error)
+        log.error("round %d could not be committed; the model goes back to round %d's", s.checkpoint.round,
+                  s.before.round, exc_info=error)
+        self.model = s.before
+        self.strategy.delta_residual = s.residual_before
+        self.blobs.publish(self.model.round, self.model.bytes)
         self.governor = Governor(self.store, self.key, self.job.governed(), None)  # the committed books, reloaded
+        if self.open_round is not None:
+            self.open_round.abandoned = True
+            self.changed.set()
+        await self._tell_abandoned(s.round)
+
+    async def _abandon_round(self, rnd: OpenRound, error: BaseException | None) -> None:
+        """A round whose close failed, or whose model was taken back, is not committed: the books go back to the
+        last commit, the nodes are told, and the next round opens on the model held. The coordinator carries on."""
         self.open_round = None
+        if error is not None:
+            self.intake_errors += 1
+            if self.model.round > rnd.round:  # it failed after its model was published: it settles or is taken back
+                log.error("after closing round %d", self.model.round, exc_info=error)
+                return
+            log.error("round %d could not be closed and is abandoned; the next round opens on the same model",
+                      rnd.round + 1, exc_info=error)
+            self.governor = Governor(self.store, self.key, self.job.governed(), None)  # the committed books
+        await self._tell_abandoned(rnd)
+
+    async def _tell_abandoned(self, rnd: OpenRound) -> None:
         for a in rnd.accepted:
             session = self.sessions.get(a.node_id)
             if session is not None:
                 await self.intake.send(session, Error("round_abandoned", f"round {rnd.round + 1} could not be "
                                                       "committed; its updates do not count"))
+
+    async def shutdown(self) -> None:
+        """Let a round that is settling commit (the server is stopping)."""
+        try:
+            await self.settled()
+        except Exception:  # noqa: BLE001 - _settle logs its own failures
+            pass
 
     def _adapt(self, rnd: OpenRound) -> None:
         """The coordinator's autonomy loop: move the deadline with node speeds, quarantine by the rules."""
@@ -291,6 +424,7 @@ class Coordinator:
             self.deadline_seconds = float(self.policy.deadline_seconds)
 
     async def _finish(self) -> None:
+        await self.settled()
         self.finished = True
         log.info("job finished after %d rounds", self.round)
         await self.intake.refuse_deferred()

@@ -31,8 +31,8 @@ from shared.agent import NodeReport
 from shared.batches import tokens_allowed
 from shared.identity import signing_bytes
 from shared.rules import Decision
-from shared.wire import (MAX_PEERS, Bye, Error, Message, ModelRequest, PayloadHeader, RoundOpen, RoundStats, Update,
-                         UpdateResult)
+from shared.wire import (MAX_PEERS, Bye, Error, Message, ModelRequest, NodeState, PayloadHeader, RoundOpen,
+                         RoundStats, Update, UpdateResult)
 
 if TYPE_CHECKING:
     from server.coordinator.coordinator import Coordinator
@@ -81,6 +81,7 @@ class NodeSession:
     name: str = ""  # the display name and team its signed Hello carried; "" for none
     team: str = ""
     state: str = "connecting"  # connecting -> ready -> training -> submitted; left
+    mode: str = "active"  # what the node last said (NodeState): "paused" nodes get no work and are not waited for
     connected_at: float = field(default_factory=time.time)
     # closes every link of this node (set by the transport): a removed node must not keep a socket to talk on
     disconnect: Callable[[], Awaitable[None]] | None = None
@@ -200,6 +201,10 @@ class Intake:
     def ready_sessions(self) -> list[NodeSession]:
         return [s for s in self.sessions.values() if s.link is not None and s.state != "left"]
 
+    def assignable_sessions(self) -> list[NodeSession]:
+        """The ready sessions a round gives work to and waits for: not those paused by their users."""
+        return [s for s in self.ready_sessions() if s.mode != "paused"]
+
     async def node_ready(self, session: NodeSession) -> None:
         """The session's link is up: give it work if a round is open."""
         c = self.coordinator
@@ -282,12 +287,24 @@ class Intake:
             if msg.wall_seconds > 0:
                 busy = self.busy.setdefault(session.node_id, deque(maxlen=UTILISATION_ROUNDS))
                 busy.append((msg.compute_seconds, msg.wall_seconds))
+        elif isinstance(msg, NodeState):
+            await self._on_node_state(session, msg.state)
         elif isinstance(msg, Bye):
             if self.sessions.get(session.node_id) is session:
                 self.coordinator.governor.leave(session.node_id)  # a clean leave: the stake returns at the close
             self.detach(session)
         else:
             self.peer_log.warning("ignoring %s from %s", msg.TYPE, session.node_id[:12])
+
+    async def _on_node_state(self, session: NodeSession, mode: str) -> None:
+        """A node paused, resumed or is finishing. Pausing costs nothing: the round stops waiting for it. A node back
+        from a pause that holds no assignment of the open round gets one; one that holds it carries on with it."""
+        was, session.mode = session.mode, mode
+        rnd = self.coordinator.open_round
+        if (was == "paused" and mode != "paused" and rnd is not None and not rnd.closing
+                and session.node_id not in rnd.assignments):
+            await self.assign(session, rnd)
+        self.coordinator.changed.set()
 
     async def _send_model(self, session: NodeSession, req: ModelRequest) -> None:
         model = self.coordinator.model
@@ -321,6 +338,9 @@ class Intake:
         key = (node_id, update_round)
         rnd = self.coordinator.open_round
         if rnd is not None and rnd.decided(node_id, update_round):
+            return True
+        settling = self.coordinator.settling_round  # closed, its decisions not in the store yet
+        if settling is not None and key in settling.updates:
             return True
         if any((p.update.node_id, p.update.round) == key for p in self.pending.values()):
             return True

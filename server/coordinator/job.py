@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,9 +19,10 @@ from server.coordinator.model_state import GlobalModel
 from server.coordinator.store import RoundRecord, Store
 from server.corpus import Corpus
 from server.keys import NodeKey
+from server.tokenizer import parse_tokenizer
 from shared import compress
 from shared.diloco import DEFAULT_OUTER_LR, DEFAULT_OUTER_MOMENTUM
-from shared.model import model_config
+from shared.model import GPTConfig, model_config
 from shared.rewards import round_record_bytes
 
 if TYPE_CHECKING:
@@ -55,11 +56,14 @@ class JobConfig:
     delta_codec: str = "int8"  # how each round's outer delta travels to nodes (with error feedback); fixed for the job
     seed: int = 0
     verify_share: float = 0.05  # the share of updates the coordinator re-executes (spot checks); not governed
+    tokenizer: str = "bytes"  # bytes or bpe:VOCAB (server/tokenizer.py); fixed for the job's life
 
     def __post_init__(self) -> None:
         model_config(self.model)  # KeyError naming the known sizes
         if self.inner_steps < 1 or self.batch < 1 or self.deadline_seconds <= 0 or self.rounds < 0:
             raise ValueError("inner_steps and batch must be >= 1, deadline_seconds > 0, rounds >= 0")
+        # one spelling per tokenizer (TokenizerError, a ValueError, says what is wrong)
+        object.__setattr__(self, "tokenizer", str(parse_tokenizer(self.tokenizer)))
         if not 0.0 <= self.verify_share <= 1.0:
             raise ValueError(f"verify_share must lie in [0, 1], got {self.verify_share}")
         if self.aggregator not in aggregation.RULES:
@@ -69,6 +73,10 @@ class JobConfig:
                 compress.parse_codec(text)
             except compress.CodecError as e:
                 raise ValueError(f"bad {name} {text!r}: {e}") from None
+
+    def gpt_config(self) -> GPTConfig:
+        """The model's configuration: the named size with the tokenizer's vocabulary."""
+        return replace(model_config(self.model), vocab_size=parse_tokenizer(self.tokenizer).vocab_size)
 
     def governed(self) -> dict:
         """The governed parameters, under the names governance uses."""
@@ -97,6 +105,9 @@ def load_job(store: Store, data_dir: Path, corpus: Corpus, job: JobConfig) -> Jo
     if known.get("sha256") != corpus.digest:
         log.warning("the corpus differs from the one this job started with (%s)", known.get("name"))
     # the round count and the spot-check share may change across restarts; governed parameters only by vote
+    if stored_job.tokenizer != job.tokenizer:
+        log.warning("this job's tokenizer is %s, fixed for its life; --tokenizer %s is ignored", stored_job.tokenizer,
+                    job.tokenizer)
     merged = JobConfig(**{**stored, "rounds": job.rounds, "verify_share": job.verify_share})
     store.set_meta("job", asdict(merged))
     return merged

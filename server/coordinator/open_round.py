@@ -104,6 +104,7 @@ class OpenRound:
     bytes_sent_before: int = 0  # Coordinator.bytes_sent() when the round opened
     closing: bool = False  # aggregating and committing: updates that arrive now count in the next round
     advice: dict = field(default_factory=dict)  # node id -> its tracker.Advice (peers to dial, seed share)
+    abandoned: bool = False  # opened on a model that could not be committed: it is not closed, its work not booked
 
     def assigned(self) -> Assignments:
         return Assignments(self.opened_at, self.config, self.assignments, self.assigned_at)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from server.model import GPT, flat_parameters, load_flat_parameters
-from server.training import byte_tensor, inner_steps
+from server.training import inner_steps, token_tensor
 from shared.batches import ScheduleError, batch_seed, batch_starts
 from shared.model import GPTConfig, num_parameters
+from shared.tokens import TokenError
 
 
 class SpotCheckError(ValueError):
@@ -51,10 +52,10 @@ def reexecute(cfg: GPTConfig, params_fp32: np.ndarray, shard: bytes, node_id: st
     start = torch.from_numpy(params.copy())
     model = GPT(cfg).to(device)
     load_flat_parameters(model, start)
-    data = byte_tensor(shard)
     try:
+        data = token_tensor(shard, cfg.vocab_size)
         schedule = batch_starts(data.numel(), steps, batch_size, seq_len, batch_seed(node_id, round_))
-    except ScheduleError as e:
+    except (ScheduleError, TokenError) as e:
         raise SpotCheckError(str(e)) from None
     inner_steps(model, data, schedule, seq_len, lr, weight_decay)
     return (start - flat_parameters(model)).numpy()

@@ -19,6 +19,8 @@ def status(coordinator: Coordinator) -> dict:
     for node_id, n in {n["id"]: n for n in c.store.nodes()}.items():
         live = intake.sessions.get(node_id)
         state = live.state if live else "offline"
+        if live and live.mode != "active":  # what its user chose: "paused" or "finishing"
+            state = live.mode
         if node_id in c.policy.quarantined:
             state = "quarantined"
         traffic = intake.traffic.get(node_id)
@@ -45,7 +47,9 @@ def status(coordinator: Coordinator) -> dict:
         open_round = {"round": rnd.round, "deadline": rnd.deadline, "assigned": len(rnd.assignments),
                       "reported": len(rnd.reported)}
     return {
-        "round": c.round,
+        "round": last.round if last is not None else 0,  # committed, as `history` lists them
+        "settling": c.settling.checkpoint.round if c.settling is not None else None,  # closed, its books pending
+        "current_round": c.round,  # the model's rounds, settling or not: what proposals and votes are stamped with
         "val_loss": None if last is None else last.val_loss,
         "model_hash": c.model_hash,
         "manifest": c.blobs.manifest_of(c.model_hash),  # the model's signed manifest, at /api/blobs/{manifest}

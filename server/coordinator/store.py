@@ -1,92 +1,99 @@
-"""The coordinator's durable state in SQLite: the job, nodes, committed rounds, every update's outcome, and
-governance proposals and votes (one row each).
+"""The coordinator's durable state: the job, nodes, committed rounds, every update's outcome, the ledger, and
+governance proposals and votes (one row each), in SQLite (the embedded default) or PostgreSQL (`open_store`).
 
-All SQL lives here, so another database (PostgreSQL for large deployments) can replace this one module.
-Never commit a round without its checkpoint already on disk (see server/coordinator/checkpoint.py).
+Every query is written here once, for both databases; store_sqlite.py and store_postgres.py hold only what differs
+(types, placeholders, transactions). Never commit a round without its checkpoint already on disk (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+# StoreUnavailable is open_store's error; callers import it from here
+from server.coordinator.store_postgres import PostgresDatabase, StoreUnavailable, is_postgres_url  # noqa: F401
+from server.coordinator.store_sqlite import SqliteDatabase
+
+# Column types are named by kind ({int}, {real}, {text}, {serial}: an auto-numbered key) and spelled by each
+# database (store_sqlite.TYPES, store_postgres.TYPES): one schema, the same in both
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key {text} PRIMARY KEY, value {text} NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    agent TEXT NOT NULL DEFAULT '',
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    updates_accepted INTEGER NOT NULL DEFAULT 0,
-    updates_rejected INTEGER NOT NULL DEFAULT 0,
-    tokens INTEGER NOT NULL DEFAULT 0,
-    last_path TEXT,
-    name TEXT NOT NULL DEFAULT '',
-    team TEXT NOT NULL DEFAULT ''
+    id {text} PRIMARY KEY,
+    kind {text} NOT NULL,
+    agent {text} NOT NULL DEFAULT '',
+    first_seen {real} NOT NULL,
+    last_seen {real} NOT NULL,
+    updates_accepted {int} NOT NULL DEFAULT 0,
+    updates_rejected {int} NOT NULL DEFAULT 0,
+    tokens {int} NOT NULL DEFAULT 0,
+    last_path {text},
+    name {text} NOT NULL DEFAULT '',
+    team {text} NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    model_hash TEXT NOT NULL,
-    checkpoint TEXT NOT NULL,
-    checkpoint_sha256 TEXT NOT NULL,
-    val_loss REAL,
-    accepted INTEGER NOT NULL,
-    rejected INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    bytes_received INTEGER NOT NULL,
-    opened_at REAL NOT NULL,
-    closed_at REAL NOT NULL,
-    deadline REAL NOT NULL,
-    ledger_head TEXT NOT NULL,
-    signature TEXT NOT NULL DEFAULT '',
-    bytes_sent INTEGER NOT NULL DEFAULT 0
+    round {int} PRIMARY KEY,
+    model_hash {text} NOT NULL,
+    checkpoint {text} NOT NULL,
+    checkpoint_sha256 {text} NOT NULL,
+    val_loss {real},
+    accepted {int} NOT NULL,
+    rejected {int} NOT NULL,
+    tokens {int} NOT NULL,
+    bytes_received {int} NOT NULL,
+    opened_at {real} NOT NULL,
+    closed_at {real} NOT NULL,
+    deadline {real} NOT NULL,
+    ledger_head {text} NOT NULL,
+    signature {text} NOT NULL DEFAULT '',
+    bytes_sent {int} NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    tokens INTEGER NOT NULL,
-    inner_steps INTEGER NOT NULL,
-    loss_first REAL,
-    loss_last REAL,
-    bytes INTEGER NOT NULL,
-    weight REAL NOT NULL,
-    received_at REAL NOT NULL,
-    quality_ppm INTEGER NOT NULL DEFAULT 0,
-    aggregated INTEGER NOT NULL DEFAULT 0,
-    committed_round INTEGER
+    id {serial},
+    round {int} NOT NULL,
+    node_id {text} NOT NULL,
+    accepted {int} NOT NULL,
+    reason {text} NOT NULL,
+    tokens {int} NOT NULL,
+    inner_steps {int} NOT NULL,
+    loss_first {real},
+    loss_last {real},
+    bytes {int} NOT NULL,
+    weight {real} NOT NULL,
+    received_at {real} NOT NULL,
+    quality_ppm {int} NOT NULL DEFAULT 0,
+    aggregated {int} NOT NULL DEFAULT 0,
+    committed_round {int}
 );
 CREATE INDEX IF NOT EXISTS updates_by_round ON updates(round);
 CREATE INDEX IF NOT EXISTS updates_by_node_round ON updates(node_id, round);
 CREATE TABLE IF NOT EXISTS ledger (
-    seq INTEGER PRIMARY KEY,
-    round INTEGER NOT NULL,
-    node TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    hash TEXT NOT NULL UNIQUE,
-    entry TEXT NOT NULL
+    seq {int} PRIMARY KEY,
+    round {int} NOT NULL,
+    node {text} NOT NULL,
+    kind {text} NOT NULL,
+    hash {text} NOT NULL UNIQUE,
+    entry {text} NOT NULL
 );
-CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, amount INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS balances (account {text} PRIMARY KEY, amount {int} NOT NULL);
 CREATE TABLE IF NOT EXISTS proposals (
-    id TEXT PRIMARY KEY,
-    proposal TEXT NOT NULL,
-    status TEXT NOT NULL,
-    decided_round INTEGER,
-    outcome TEXT NOT NULL DEFAULT ''
+    id {text} PRIMARY KEY,
+    proposal {text} NOT NULL,
+    status {text} NOT NULL,
+    decided_round {int},
+    outcome {text} NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS votes (
-    proposal_id TEXT NOT NULL,
-    voter TEXT NOT NULL,
-    approve INTEGER NOT NULL,
-    round INTEGER NOT NULL,
-    signature TEXT NOT NULL,
+    proposal_id {text} NOT NULL,
+    voter {text} NOT NULL,
+    approve {int} NOT NULL,
+    round {int} NOT NULL,
+    signature {text} NOT NULL,
     PRIMARY KEY (proposal_id, voter)
 );
 """
@@ -95,11 +102,16 @@ CREATE TABLE IF NOT EXISTS votes (
 # Rows written before then keep the defaults: unsigned rounds, updates whose rewards cannot be recomputed, and
 # nodes without a display name or team until they next say hello.
 ADDED_COLUMNS = {
-    "nodes": (("name", "TEXT NOT NULL DEFAULT ''"), ("team", "TEXT NOT NULL DEFAULT ''")),
-    "rounds": (("signature", "TEXT NOT NULL DEFAULT ''"), ("bytes_sent", "INTEGER NOT NULL DEFAULT 0")),
-    "updates": (("quality_ppm", "INTEGER NOT NULL DEFAULT 0"), ("aggregated", "INTEGER NOT NULL DEFAULT 0"),
-                ("committed_round", "INTEGER")),
+    "nodes": (("name", "{text} NOT NULL DEFAULT ''"), ("team", "{text} NOT NULL DEFAULT ''")),
+    "rounds": (("signature", "{text} NOT NULL DEFAULT ''"), ("bytes_sent", "{int} NOT NULL DEFAULT 0")),
+    "updates": (("quality_ppm", "{int} NOT NULL DEFAULT 0"), ("aggregated", "{int} NOT NULL DEFAULT 0"),
+                ("committed_round", "{int}")),
 }
+ROUND_COLUMNS = ("round", "model_hash", "checkpoint", "checkpoint_sha256", "val_loss", "accepted", "rejected",
+                 "tokens", "bytes_received", "opened_at", "closed_at", "deadline", "ledger_head", "signature",
+                 "bytes_sent")
+# an upsert both databases spell alike (SQLite since 3.24)
+UPSERT_META = "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 UPDATE_COLUMNS = ("round", "node_id", "accepted", "reason", "tokens", "inner_steps", "loss_first", "loss_last",
                   "bytes", "weight", "received_at", "quality_ppm", "aggregated", "committed_round")
 
@@ -146,38 +158,55 @@ class UpdateRecord:
     # store on commit, None for records written before this column existed
 
 
-class Store:
-    """One SQLite database file. Safe to call from the event loop thread and worker threads (one lock).
+def open_store(location: Path | str, read_only: bool = False) -> Store:
+    """The store at `location`: a postgresql:// (or postgres://) URL, else the path of a SQLite file.
 
-    read_only opens an existing database without creating, migrating or writing anything (for auditing a
-    data directory, perhaps while its coordinator runs); FileNotFoundError when there is none.
+    StoreUnavailable when a PostgreSQL server cannot be reached or refuses the connection."""
+    return Store(location, read_only)
+
+
+def driver_errors() -> tuple[type[Exception], ...]:
+    """What the database drivers raise (for a command line that reports them before it knows which it opened)."""
+    import sqlite3
+
+    try:
+        import psycopg
+    except ImportError:  # an install without the PostgreSQL driver
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+class Store:
+    """The coordinator's state in one database: a SQLite file (a path) or a PostgreSQL database (a postgresql://
+    URL). Safe to call from the event loop thread and worker threads (one lock).
+
+    read_only opens an existing store without creating, migrating or writing anything (for auditing a data
+    directory or a database, perhaps while its coordinator runs); FileNotFoundError when there is none.
     """
 
-    def __init__(self, path: Path, read_only: bool = False):
-        self.path = path
-        self._lock = threading.Lock()
+    def __init__(self, location: Path | str, read_only: bool = False):
+        self._lock = threading.RLock()  # reentrant: reads inside snapshot() take it again
         self._missing: dict[str, list[str]] = {}
+        self._in_snapshot = False
+        if is_postgres_url(location):
+            self._db: SqliteDatabase | PostgresDatabase = PostgresDatabase(str(location), read_only)
+        else:
+            self._db = SqliteDatabase(Path(location), read_only)
+        self.path = self._db.path  # the SQLite file's Path, or the PostgreSQL URL without its password
+        self.errors = self._db.errors  # what the database driver raises (for a command line to report)
         if read_only:
-            if not path.exists():
-                raise FileNotFoundError(f"no coordinator state at {path}")
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
-                                       isolation_level=None)
             self._missing = self._missing_columns()
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db.create(SCHEMA.format(**self._db.types))
         for table, columns in self._missing_columns().items():
             declared = dict(ADDED_COLUMNS[table])
             for column in columns:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declared[column]}")
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declared[column].format(**self._db.types)}")
 
     def _missing_columns(self) -> dict[str, list[str]]:
         missing = {}
         for table, columns in ADDED_COLUMNS.items():
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            present = self._db.columns(table)
             absent = [name for name, _ in columns if name not in present]
             if present and absent:
                 missing[table] = absent
@@ -193,6 +222,21 @@ class Store:
         with self._lock:
             self._db.close()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state, though the coordinator commits rounds meanwhile (an audit). A
+        snapshot taken inside another is that one."""
+        with self._lock:
+            if self._in_snapshot:
+                yield
+                return
+            self._in_snapshot = True
+            try:
+                with self._db.snapshot():
+                    yield
+            finally:
+                self._in_snapshot = False
+
     # -- job ---------------------------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> object | None:
@@ -202,7 +246,7 @@ class Store:
 
     def set_meta(self, key: str, value: object) -> None:
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            self._db.execute(UPSERT_META, (key, json.dumps(value)))
 
     # -- nodes -------------------------------------------------------------------------------------------
 
@@ -262,46 +306,27 @@ class Store:
         """Record a round with its updates, the nodes' counters, the ledger entries it caused, the balances after
         them, governance state (`meta`) and the proposals its boundary decided (`proposals`: id, status,
         decided_round, outcome), in one transaction: all or nothing."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO rounds (round, model_hash, checkpoint, checkpoint_sha256, val_loss, accepted, "
-                    "rejected, tokens, bytes_received, opened_at, closed_at, deadline, ledger_head, signature, "
-                    "bytes_sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.round, record.model_hash, record.checkpoint, record.checkpoint_sha256, record.val_loss,
-                     record.accepted, record.rejected, record.tokens, record.bytes_received, record.opened_at,
-                     record.closed_at, record.deadline, record.ledger_head, record.signature, record.bytes_sent),
-                )
-                for e in ledger:
-                    self._db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (?, ?, ?, ?, ?, ?)",
-                                     (e["seq"], e["round"], e["node"], e["kind"], e["hash"],
-                                      json.dumps(e, sort_keys=True)))
-                if balances is not None:
-                    self._db.execute("DELETE FROM balances")
-                    self._db.executemany("INSERT INTO balances (account, amount) VALUES (?, ?)", balances.items())
-                for key, value in (meta or {}).items():
-                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
-                for p in proposals:
-                    self._db.execute("UPDATE proposals SET status = ?, decided_round = ?, outcome = ? WHERE id = ?",
-                                     (p["status"], p["decided_round"], p["outcome"], p["id"]))
-                for u in updates:
-                    self._db.execute(
-                        f"INSERT INTO updates ({', '.join(UPDATE_COLUMNS)}) "
-                        f"VALUES ({', '.join('?' * len(UPDATE_COLUMNS))})",
-                        (u.round, u.node_id, int(u.accepted), u.reason, u.tokens, u.inner_steps, u.loss_first,
-                         u.loss_last, u.bytes, u.weight, u.received_at, u.quality_ppm, int(u.aggregated),
-                         record.round),
-                    )
-                    column = "updates_accepted" if u.accepted else "updates_rejected"
-                    self._db.execute(
-                        f"UPDATE nodes SET {column} = {column} + 1, tokens = tokens + ? WHERE id = ?",
-                        (u.tokens if u.accepted else 0, u.node_id),
-                    )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._db.transaction():
+            self._db.execute(f"INSERT INTO rounds ({', '.join(ROUND_COLUMNS)}) "
+                             f"VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
+                             tuple(getattr(record, column) for column in ROUND_COLUMNS))
+            self._db.insert_rows("ledger", ("seq", "round", "node", "kind", "hash", "entry"),
+                                 [(e["seq"], e["round"], e["node"], e["kind"], e["hash"], json.dumps(e, sort_keys=True))
+                                  for e in ledger])  # fmt: skip
+            if balances is not None:
+                self._db.execute("DELETE FROM balances")
+                self._db.insert_rows("balances", ("account", "amount"), list(balances.items()))
+            self._db.executemany(UPSERT_META, [(key, json.dumps(value)) for key, value in (meta or {}).items()])
+            self._db.executemany("UPDATE proposals SET status = ?, decided_round = ?, outcome = ? WHERE id = ?",
+                                 [(p["status"], p["decided_round"], p["outcome"], p["id"]) for p in proposals])
+            self._db.insert_rows(
+                "updates", UPDATE_COLUMNS,
+                [(u.round, u.node_id, int(u.accepted), u.reason, u.tokens, u.inner_steps, u.loss_first, u.loss_last,
+                  u.bytes, u.weight, u.received_at, u.quality_ppm, int(u.aggregated), record.round) for u in updates])
+            self._db.executemany("UPDATE nodes SET updates_accepted = updates_accepted + ?, "
+                                 "updates_rejected = updates_rejected + ?, tokens = tokens + ? WHERE id = ?",
+                                 [(int(u.accepted), int(not u.accepted), u.tokens if u.accepted else 0, u.node_id)
+                                  for u in updates])  # fmt: skip
 
     def last_round(self) -> RoundRecord | None:
         with self._lock:
@@ -371,29 +396,22 @@ class Store:
     def import_proposals(self, states: list[dict], meta_key: str, meta_value: object) -> None:
         """Move proposals (with their votes) out of a meta blob into their tables: the rows and the blob without
         them (`meta_value`) are written in one transaction, so a crash leaves the one or the other."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for state in states:
-                    self._insert_proposal(state, or_ignore=True)
-                    for vote in state.get("votes", []):
-                        self._insert_vote(vote, or_ignore=True)
-                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                 (meta_key, json.dumps(meta_value)))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._db.transaction():
+            for state in states:
+                self._insert_proposal(state, or_ignore=True)
+                for vote in state.get("votes", []):
+                    self._insert_vote(vote, or_ignore=True)
+            self._db.execute(UPSERT_META, (meta_key, json.dumps(meta_value)))
 
     def _insert_proposal(self, state: dict, or_ignore: bool = False) -> None:
         proposal = state["proposal"]
-        self._db.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO proposals "
-                         "(id, proposal, status, decided_round, outcome) VALUES (?, ?, ?, ?, ?)",
+        self._db.execute("INSERT INTO proposals (id, proposal, status, decided_round, outcome) VALUES (?, ?, ?, ?, ?)"
+                         + (" ON CONFLICT DO NOTHING" if or_ignore else ""),
                          (proposal["id"], json.dumps(proposal, sort_keys=True), state["status"],
                           state.get("decided_round"), state.get("outcome", "")))
 
     def _insert_vote(self, vote: dict, or_ignore: bool = False) -> None:
-        self._db.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO votes "
-                         "(proposal_id, voter, approve, round, signature) VALUES (?, ?, ?, ?, ?)",
+        self._db.execute("INSERT INTO votes (proposal_id, voter, approve, round, signature) VALUES (?, ?, ?, ?, ?)"
+                         + (" ON CONFLICT DO NOTHING" if or_ignore else ""),
                          (vote["proposal_id"], vote["voter"], int(vote["approve"]), vote["round"],
                           vote["signature"]))

@@ -20,7 +20,7 @@ from server.codecs import TorchErrorFeedback, apply_delta
 from server.coordinator.job import JobConfig
 from server.coordinator.model_state import GlobalModel
 from server.corpus import Corpus
-from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters
+from server.model import GPT, flat_parameters, init_parameters, load_flat_parameters, parameter_views
 from server.training import evaluate, validation_batches
 from shared.aggregate import AggregationError
 from shared.compress import CodecSpec, parse_codec
@@ -53,10 +53,10 @@ class RoundStrategy:
         self.delta_codec = parse_codec(job.delta_codec)
         self.delta_residual: torch.Tensor | None = None  # what earlier deltas' encoding left out (not kept on restart)
         self._model = GPT(cfg)  # evaluates parameters; used by one round's close at a time
-        self._val_batches = validation_batches(corpus.validation, cfg.block_size)
+        self._val_batches = validation_batches(corpus.validation, cfg.block_size, vocab_size=cfg.vocab_size)
         # quality of an update: the loss change it alone makes on a held-out batch not used for validation
         self._quality_batch = validation_batches(corpus.validation, cfg.block_size, num_batches=1,
-                                                 seed=QUALITY_BATCH_SEED)
+                                                 seed=QUALITY_BATCH_SEED, vocab_size=cfg.vocab_size)
 
     # -- configure ------------------------------------------------------------------------------------------
 
@@ -116,17 +116,25 @@ class RoundStrategy:
 
     def qualities(self, model: GlobalModel, values: list[np.ndarray], governed: Mapping) -> list[int]:
         """Each update's quality in ppm: the loss drop it makes alone on a held-out batch (one outer SGD step
-        from `model`), relative to the best update of the round. An update that does not lower the loss scores 0."""
+        from `model`), relative to the best update of the round. An update that does not lower the loss scores 0.
+        The model runs on views of one reused buffer (torch.func.functional_call): no parameters are loaded."""
         lr = float(governed["outer_lr"])
         params = model.tensor()
-        load_flat_parameters(self._model, params)
-        base = evaluate(self._model, self._quality_batch)
+        base = self._quality_loss(params)
+        stepped = torch.empty_like(params)
         drops = []
         for v in values:
-            load_flat_parameters(self._model, params - lr * torch.from_numpy(v))
-            drops.append(base - evaluate(self._model, self._quality_batch))
+            torch.sub(params, torch.from_numpy(v), alpha=lr, out=stepped)
+            drops.append(base - self._quality_loss(stepped))
         best = max(drops, default=0.0)
         return [quality_to_ppm(d / best) if best > 0 else 0 for d in drops]
+
+    @torch.no_grad()
+    def _quality_loss(self, flat: torch.Tensor) -> float:
+        views = parameter_views(self._model, flat)
+        self._model.eval()
+        losses = [torch.func.functional_call(self._model, views, (x, y))[1].item() for x, y in self._quality_batch]
+        return float(sum(losses) / len(losses))
 
     def outer_step(self, model: GlobalModel, grad: np.ndarray | None,
                    governed: Mapping) -> tuple[np.ndarray, np.ndarray]:

@@ -18,9 +18,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from server.export import latest_export_endpoint
 from server.net.bundle import BundleCache, bundle_endpoint
+from server.net.metrics import metrics_endpoint
 from server.coordinator import Coordinator
 from server.coordinator.leaderboard import leaderboard as leaderboard_view, to_csv
+from server.tokenizer import TOKENIZER_FILE
 from shared.governance import NotEligibleError, Proposal, Vote
 from server.net.signaling import SignalingServer
 from shared.wire import LimitExceeded, WireError, parse_json
@@ -132,6 +135,14 @@ def create_app(coordinator: Coordinator) -> Starlette:
             return JSONResponse({"error": f"bad shard index: {e}"}, status_code=400)
         return Response(data, media_type="application/octet-stream")
 
+    async def tokenizer(request: Request) -> Response:
+        """The job's BPE tokenizer (server/tokenizer.py's file, Hugging Face's format), to turn its token ids into
+        text and back; 404 for a bytes job, whose tokens are the text's UTF-8 bytes."""
+        path = coordinator.data_dir / TOKENIZER_FILE
+        if coordinator.job.tokenizer == "bytes" or not path.exists():
+            return refusal("not_found", "this job's tokens are bytes (vocabulary 256): it has no tokenizer file", 404)
+        return FileResponse(path, media_type="application/json")
+
     async def blob(request: Request) -> Response:
         """A chunk or manifest by its sha256 (shared/manifest.py): immutable, so any cache or CDN may keep it."""
         name = request.path_params["sha256"]
@@ -160,6 +171,7 @@ def create_app(coordinator: Coordinator) -> Starlette:
             yield
         finally:
             task.cancel()
+            await coordinator.shutdown()  # a round that is settling commits first
             await signaling.close()
 
     routes = [
@@ -169,11 +181,14 @@ def create_app(coordinator: Coordinator) -> Starlette:
         Route("/api/status", status),
         Route("/api/leaderboard", leaderboard),
         Route("/api/shards/{index}", shard),
+        Route("/api/tokenizer", tokenizer),
         Route("/api/blobs/{sha256}", blob),
         Route("/api/governance", governance),
         Route("/api/governance/proposals", proposals, methods=["POST"]),
         Route("/api/governance/votes", votes, methods=["POST"]),
         Route("/api/ledger", ledger),
+        Route("/api/export/latest", latest_export_endpoint(coordinator)),
+        Route("/metrics", metrics_endpoint(coordinator)),
         Route("/bundle.zip", bundle_endpoint(BundleCache())),
         WebSocketRoute("/ws", signaling.endpoint),
         Mount("/static", StaticFiles(directory=BROWSER_DIR), name="static"),

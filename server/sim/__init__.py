@@ -39,7 +39,7 @@ from server.net.signaling import SignalingServer
 from server.options import CODEC_HELP, codec_option, fraction, int_at_least, share_option
 from server.sim.attacks import ATTACKS, SCALE_ATTACK_FACTOR, alie_z, corrupt
 from server.sim.worker import PeerExchange, SimPort, worker_key
-from server.training import byte_tensor
+from server.training import token_tensor
 from shared import compress
 from shared.governance import GovernanceError
 from shared.model import MODEL_SIZES
@@ -100,6 +100,7 @@ class SimOptions:
     # aggregation rule against its attackers (spot checks would remove most of them before it sees them)
     verify_share: float = 0.0
     peers: int = DEFAULT_PEERS  # peer links the coordinator (as tracker) advises per worker; 0 = the star
+    background_settle: bool = True  # False: each round commits before the next one opens (the old critical path)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -196,7 +197,9 @@ class Simulation:
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
                         codec=options.codec, delta_codec=options.delta_codec, seed=options.seed, verify_share=options.verify_share)
-        self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules, peers=options.peers)
+        self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules, peers=options.peers,
+                                       settle_in_background=options.background_settle)
+        self._quarantined: set[str] = set()  # node ids the coordinator quarantined, as of the last round's row
         self.signaling = SignalingServer(self.coordinator)
         self.exchange = PeerExchange()  # the workers' peer links
         self.model = GPT(self.coordinator.cfg)  # every worker trains on this one module, one after another
@@ -248,7 +251,8 @@ class Simulation:
 
     def shard(self, index: int) -> torch.Tensor:
         if index not in self._shards:
-            self._shards[index] = byte_tensor(self.corpus.shard(index))
+            corpus = self.coordinator.corpus  # the job's token ids, as its shard route serves them
+            self._shards[index] = token_tensor(corpus.shard(index), corpus.vocab_size)
         return self._shards[index]
 
     def ready(self, port: SimPort, round_: int) -> None:
@@ -292,7 +296,9 @@ class Simulation:
     async def attack(self, port: SimPort, round_: int, values: torch.Tensor) -> torch.Tensor:
         """The encode hook: honest workers send their update; attackers wait until every worker of the round has
         trained, and send what `corrupt` forges from all of them (the colluders are omniscient)."""
-        worker = next(w for w in self._expected if w.port is port)
+        worker = next((w for w in self._expected if w.port is port), None)
+        if worker is None:  # quarantined, and not yet told: what it sends is refused whatever it is
+            return values
         honest = self._honest.setdefault(round_, {})
         honest[worker] = values
         if not worker.byzantine:
@@ -324,10 +330,12 @@ class Simulation:
         await self._wait_for(lambda: worker.task.done(), f"worker {worker.index} to leave")
         self.workers.remove(worker)
 
-    async def _wait_for(self, condition: Callable[[], bool], what: str) -> None:
+    async def _wait_for(self, condition: Callable[[], bool], what: str, job_done: bool = False) -> None:
+        """Wait until `condition()`; raise when the coordinator stopped first (unless the job is `job_done`) or nothing
+        changed for WAIT_TIMEOUT_S."""
         deadline = time.monotonic() + WAIT_TIMEOUT_S
         while not condition():
-            if self._task.done():
+            if self._task.done() and not job_done:
                 self._task.result()  # the coordinator's own exception, if it raised one
                 raise SimulationError(f"the coordinator stopped while the simulation waited for {what}")
             try:
@@ -356,7 +364,7 @@ class Simulation:
                 self.on_round(rows[-1])
             await self._wait_for(lambda: self._task.done(), "the job to finish")
             self._task.result()
-            await self._wait_for(lambda: all(w.task.done() for w in self.workers), "the workers to leave")
+            await self._wait_for(lambda: all(w.task.done() for w in self.workers), "the workers to leave", job_done=True)
         finally:
             for task in [self._task] + [w.task for w in self.workers]:
                 if not task.done():
@@ -364,7 +372,8 @@ class Simulation:
         return rows, self._summary(rows, time.monotonic() - started)
 
     def _live(self) -> list[SimWorker]:
-        return [w for w in self.workers if w.ended is None]
+        """The workers still in the run: not ended, and not quarantined (a removal they may not have heard yet)."""
+        return [w for w in self.workers if w.ended is None and w.node_id not in self._quarantined]
 
     async def _round(self, r: int) -> dict:
         o = self.options
@@ -385,7 +394,8 @@ class Simulation:
         self.released = r
         self.notify()
         await self._wait_for(lambda: all(r in w.port.results or w.ended for w in workers), f"round {r} verdicts")
-        await self._wait_for(lambda: self.coordinator.round > r, f"round {r} to close")
+        await self._wait_for(lambda: self.coordinator.committed_rounds() > r and self.coordinator.settling is None,
+                             f"round {r} to settle")
         honest = self._honest.pop(r, {})
         self._forged.pop(r, None)
         self._ready.pop(r, None)
@@ -396,11 +406,12 @@ class Simulation:
         verdicts = [w.port.results[r] for w in workers if r in w.port.results]
         rejected_by = Counter(rule for v in verdicts if not v["accepted"] for rule in v["rule"].split(","))
         history = self.coordinator.status()["history"][-1]
-        await asyncio.sleep(0)  # let removals sent at the close reach the workers
-        quarantined = 0
+        # the coordinator's decisions when the round settled (its workers see their removal when they next listen)
+        quarantined = len(set(self.coordinator.policy.quarantined) - self._quarantined)
+        self._quarantined |= set(self.coordinator.policy.quarantined)
+        await asyncio.sleep(0)
         for w in list(self.workers):
             if w.ended is not None:
-                quarantined += "[quarantined]" in w.ended.reason
                 self.workers.remove(w)
         joined = left = 0
         if o.churn and r + 1 < o.rounds:
@@ -456,6 +467,8 @@ class Simulation:
                 "refused_joins": len(self.refused), "rounds": len(played), "params": self.coordinator.n_params,
                 "reputation": self._reputation(),
                 "seconds": round(seconds, 2),
+                # from the last update a round decided to the next round's opening (the commit's critical path)
+                "turnaround_seconds": list(self.coordinator.turnarounds),
                 "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()}}
 
     def _reputation(self) -> dict:

@@ -57,7 +57,7 @@ def test_a_token_claim_beyond_the_assignment_is_refused_and_the_coordinator_keep
     hostile, claimed, good = run(scenario())
     assert not claimed.accepted and claimed.rule == "claims" and "tokens" in claimed.reason
     assert good.accepted
-    status = coordinator.status()
+    status = coordinator.wait_for(lambda s: s["round"] >= 1, 60, "round 1 committed")  # (it may settle behind)
     assert status["round"] == 1 and status["intake"]["errors"] == 0 and coordinator.proc.poll() is None
     assert rewards_of(coordinator, hostile.key.node_id) == []
     assert [(r[1] == hostile.key.node_id, r[2]) for r in stored_updates(coordinator)] == [(True, 0), (False, 1)]
@@ -75,6 +75,7 @@ def test_a_replayed_update_is_refused_in_the_next_round_and_paid_once(coordinato
         return node, accepted, replay
 
     node, accepted, replay = run(scenario())
+    coordinator.wait_for(lambda s: s["round"] >= 1, 60, "round 1 committed")  # it may settle behind round 2's opening
     assert accepted.accepted
     assert not replay.accepted and replay.rule == "replay"
     assert [r[:3] for r in stored_updates(coordinator)] == [(0, node.key.node_id, 1)]  # one decision, ever
