@@ -9,11 +9,17 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures: one PostgreSQL server a session
+
+if TYPE_CHECKING:  # the store's package imports torch: not for every test session's start
+    from server.coordinator.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +99,27 @@ class Coordinator(Process):
                           *(["--store", store] if store else []), *extra],
                          tmp / f"coordinator-{self.port}-{time.monotonic_ns()}.log", env)
 
+    @property
+    def store_location(self) -> str | Path:
+        """Its store: the postgresql:// URL, or the SQLite file in its data directory."""
+        return self.store or self.data_dir / "state.db"
+
+    def store_options(self) -> list[str]:
+        """What a `python -m server ledger ...` command needs to find this coordinator's data and state."""
+        return ["--data-dir", str(self.data_dir), *(["--store", self.store] if self.store else [])]
+
+    @contextmanager
+    def read_store(self) -> Iterator[Store]:
+        """Its state as an auditor reads it, from whichever database it keeps it in: read-only, through the Store's
+        own queries (so that one test reads SQLite and PostgreSQL alike), perhaps while it runs."""
+        from server.coordinator.store import open_store
+
+        store = open_store(self.store_location, read_only=True)
+        try:
+            yield store
+        finally:
+            store.close()
+
     def status(self) -> dict:
         return self.status_of("/api/status")
 
@@ -150,11 +177,25 @@ sys.exit(main())
 """
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+STORES = ["sqlite", "postgresql"]  # the databases a coordinator's state is tested on
+
+
+def new_store_url(database: str, request) -> str | None:
+    """None for SQLite (the coordinator's data directory), else a fresh PostgreSQL database's URL."""
+    return None if database == "sqlite" else request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture(params=STORES)
 def store_url(request) -> str | None:
     """Where a test's coordinator keeps its state, once per database: None (SQLite, in its data directory) or a
     fresh PostgreSQL database's URL. Pass it to processes.coordinator(store=...)."""
-    return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    return new_store_url(request.param, request)
+
+
+@pytest.fixture(scope="module", params=STORES)
+def module_store_url(request) -> str | None:
+    """store_url for a coordinator that a whole module shares: the module runs once per database."""
+    return new_store_url(request.param, request)
 
 
 @pytest.fixture

@@ -1,14 +1,15 @@
 """The commit off the critical path, with real processes: the next round trains while the last one settles, and a
-coordinator killed (SIGKILL) while a round settles leaves a store that verifies and resumes at its last commit."""
+coordinator killed (SIGKILL) while a round settles leaves a store that verifies and resumes at its last commit, on
+SQLite and on PostgreSQL (the `store_url` fixture). A settle that fails writes its checkpoint, a file, before the
+store is touched: that test runs on SQLite only."""
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 
 from server.coordinator.coordinator import SETTLE_DELAY_ENV
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Coordinator
 
 TRAIN_ARGS = ("--inner-steps", "4", "--batch", "8", "--deadline-seconds", "90")
 # every settle waits this long first (fault injection): wide enough that the test's kill lands while round 1 settles,
@@ -16,15 +17,16 @@ TRAIN_ARGS = ("--inner-steps", "4", "--batch", "8", "--deadline-seconds", "90")
 SETTLE_DELAY_S = 600
 
 
-def ledger_verify(data_dir) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", "ledger", "verify", "--data-dir", str(data_dir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+def ledger_verify(coordinator: Coordinator) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", "ledger", "verify", *coordinator.store_options()],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_the_next_round_trains_while_a_round_settles_and_a_kill_then_resumes_at_the_last_commit(
-        processes, loopback_namespace, tmp_path):
+        processes, loopback_namespace, tmp_path, store_url):
     data_dir = tmp_path / "data"
-    first = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, env={SETTLE_DELAY_ENV: str(SETTLE_DELAY_S)})
+    first = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, store=store_url,
+                                  env={SETTLE_DELAY_ENV: str(SETTLE_DELAY_S)})
     first.wait_ready()
     processes.trainer(first.url)
     # round 1 closed and settles; round 2 is open and the trainer's update for it is already decided
@@ -35,21 +37,22 @@ def test_the_next_round_trains_while_a_round_settles_and_a_kill_then_resumes_at_
     assert during["model_hash"] != during["history"][0]["model_hash"]  # round 2 trains on round 1's model
     first.kill()  # SIGKILL while round 1 settles: no shutdown code runs
 
-    with sqlite3.connect(data_dir / "state.db") as db:
-        assert db.execute("SELECT max(round) FROM rounds").fetchone() == (0,)
-        assert db.execute("SELECT count(*) FROM updates").fetchone() == (0,)  # no decision of round 1 or 2 kept
-        committed_hash = db.execute("SELECT model_hash FROM rounds WHERE round = 0").fetchone()[0]
-    verified = ledger_verify(data_dir)
+    with first.read_store() as books:
+        (committed,) = books.rounds()
+        assert committed.round == 0
+        assert books.updates() == []  # no decision of round 1 or 2 kept
+    committed_hash = committed.model_hash
+    verified = ledger_verify(first)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
-    second = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, port=first.port)
+    second = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, store=store_url, port=first.port)
     resumed = second.wait_ready()
     assert (resumed["round"], resumed["model_hash"]) == (0, committed_hash)  # round 0's checkpoint, loaded
     status = second.wait_for(lambda s: s["round"] >= 2, 300, "two rounds after the restart")
     assert [h["round"] for h in status["history"]][:3] == [0, 1, 2]  # none lost, none repeated
     assert all(h["accepted"] == 1 for h in status["history"][1:3])
     second.stop()
-    verified = ledger_verify(data_dir)
+    verified = ledger_verify(second)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
@@ -74,5 +77,5 @@ def test_a_settle_that_cannot_commit_takes_the_model_back_and_the_job_carries_on
     assert status["intake"]["errors"] >= 1
     assert "round 2 could not be committed" not in coordinator.output()
     coordinator.stop()
-    verified = ledger_verify(data_dir)
+    verified = ledger_verify(coordinator)
     assert verified.returncode == 0, verified.stdout + verified.stderr

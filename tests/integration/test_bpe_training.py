@@ -4,10 +4,9 @@ on its uint16 shards without ever seeing the tokenizer, in a loopback-only names
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import urllib.request
 
-from server.tokenizer import TOKENIZER_FILE, job_tokenizer
+from server.tokenizer import TOKENIZER_FILE, TOKENIZER_META, job_tokenizer
 from shared.tokens import read_tokens
 from tests.conftest import ROOT
 
@@ -37,9 +36,9 @@ def test_a_bpe_job_trains_three_rounds_and_its_validation_loss_falls(processes, 
     # the job's tokenizer is stored with it and served; its shards are uint16 ids the tokenizer decodes to the text
     served = fetch(coordinator.url + "/api/tokenizer")
     assert served == (coordinator.data_dir / TOKENIZER_FILE).read_bytes()
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        (record,) = db.execute("SELECT value FROM meta WHERE key = 'tokenizer'").fetchone()
-    assert hashlib.sha256(served).hexdigest() in record
+    with coordinator.read_store() as books:
+        record = books.get_meta(TOKENIZER_META)
+    assert record["sha256"] == hashlib.sha256(served).hexdigest()
     ids = read_tokens(fetch(coordinator.url + "/api/shards/0"), VOCAB)
     text = job_tokenizer(coordinator.data_dir).decode(ids)
     assert len(ids) > 1000 and text in data.read_text()

@@ -1,6 +1,7 @@
 """Governance, rewards and autonomy with real processes: votes change the next round, only nodes with accepted
 work may propose and vote, a rule-breaking update is slashed and the ledger still
-verifies, and a slow trainer adapts H to make the deadline."""
+verifies, and a slow trainer adapts H to make the deadline. Those whose subject is the books (votes, proposals, a
+slash) run once on SQLite and once on PostgreSQL (the `store_url` fixture)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 import dataclasses
 import http.client
 import json
-import sqlite3
 import subprocess
 import sys
 import urllib.parse
@@ -27,8 +27,10 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_a_proposal_passed_by_vote_changes_the_next_rounds_config(processes, loopback_namespace, tmp_path):
-    coordinator = processes.coordinator("--inner-steps", "6", "--batch", "8", "--deadline-seconds", "120")
+def test_a_proposal_passed_by_vote_changes_the_next_rounds_config(processes, loopback_namespace, tmp_path,
+                                                                  store_url):
+    coordinator = processes.coordinator("--inner-steps", "6", "--batch", "8", "--deadline-seconds", "120",
+                                        store=store_url)
     coordinator.wait_ready()
     key = tmp_path / "trainer.key"
     processes.trainer(coordinator.url, "--key-file", str(key))
@@ -48,8 +50,8 @@ def test_a_proposal_passed_by_vote_changes_the_next_rounds_config(processes, loo
     changed_at = state["decided_round"]
     assert changed_at > state["proposal"]["round"]  # never mid-round: at the next boundary at the earliest
     coordinator.wait_for(lambda s: s["round"] >= changed_at + 1, 180, "a round under the new config")
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        steps = dict(db.execute("SELECT round, inner_steps FROM updates WHERE accepted = 1"))
+    with coordinator.read_store() as books:
+        steps = {u.round: u.inner_steps for u in books.updates() if u.accepted}
     assert steps[changed_at] == 4
     assert all(h == 6 for r, h in steps.items() if r < changed_at)
     assert status["job"]["inner_steps"] == 4
@@ -70,11 +72,11 @@ class GovernanceApi:
         return response.status, json.loads(response.read())
 
 
-def a_job_whose_trainer_earned_reputation(processes, tmp_path):
+def a_job_whose_trainer_earned_reputation(processes, tmp_path, store: str | None = None):
     """A one-round job, finished, so that no round commits while the test runs; its one trainer's accepted update
     earned it reputation. Returns the coordinator and the trainer's key."""
     coordinator = processes.coordinator("--inner-steps", "2", "--batch", "8", "--rounds", "1",
-                                        "--deadline-seconds", "600")
+                                        "--deadline-seconds", "600", store=store)
     coordinator.wait_ready()
     key_file = tmp_path / "worker.key"
     processes.trainer(coordinator.url, "--key-file", str(key_file), "--transport", "websocket")
@@ -87,8 +89,8 @@ def lr_proposal(key: NodeKey, round_: int, note: str = "") -> Proposal:
 
 
 def test_a_never_admitted_key_cannot_fill_the_proposal_limit_and_a_node_with_work_still_proposes(
-        processes, loopback_namespace, tmp_path):  # fmt: skip
-    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path)
+        processes, loopback_namespace, tmp_path, store_url):  # fmt: skip
+    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path, store_url)
     api, stranger = GovernanceApi(coordinator.url), NodeKey()
 
     refusals = [api.post("proposals", lr_proposal(stranger, 10**15, note=str(i)), stranger) for i in range(127)]
@@ -104,33 +106,33 @@ def test_a_never_admitted_key_cannot_fill_the_proposal_limit_and_a_node_with_wor
 
 
 def test_votes_from_fresh_keys_are_refused_unstored_and_a_vote_with_weight_is_one_row(processes,
-                                                                                      loopback_namespace, tmp_path):
-    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path)
+                                                                                      loopback_namespace, tmp_path,
+                                                                                      store_url):
+    coordinator, worker = a_job_whose_trainer_earned_reputation(processes, tmp_path, store_url)
     api, current = GovernanceApi(coordinator.url), coordinator.status()["round"]
     code, state = api.post("proposals", lr_proposal(worker, current), worker)
     assert code == 201
     proposal_id = state["proposal"]["id"]
-    db = sqlite3.connect(f"file:{coordinator.data_dir / 'state.db'}?mode=ro", uri=True)
 
-    def governance_blob() -> str:
-        return db.execute("SELECT value FROM meta WHERE key = 'governance'").fetchone()[0]
+    def stored_votes(books) -> list[tuple]:
+        return [(v["proposal_id"], v["voter"], v["approve"], v["round"]) for p in books.proposals() for v in p["votes"]]
 
-    blob = governance_blob()
-    fresh = [NodeKey() for _ in range(1500)]
-    refusals = [api.post("votes", Vote(proposal_id, key.node_id, True, current), key) for key in fresh]
-    assert {code for code, _ in refusals} == {403}
-    assert all("only admitted nodes may vote" in body["error"] for _, body in refusals)
-    assert db.execute("SELECT COUNT(*) FROM votes").fetchone() == (0,)
+    with coordinator.read_store() as books:  # read while the coordinator runs, as an auditor may
+        blob = books.get_meta("governance")
+        fresh = [NodeKey() for _ in range(1500)]
+        refusals = [api.post("votes", Vote(proposal_id, key.node_id, True, current), key) for key in fresh]
+        assert {code for code, _ in refusals} == {403}
+        assert all("only admitted nodes may vote" in body["error"] for _, body in refusals)
+        assert stored_votes(books) == []
 
-    code, _ = api.post("votes", Vote(proposal_id, worker.node_id, True, current), worker)
-    assert code == 201
-    assert db.execute("SELECT proposal_id, voter, approve, round FROM votes").fetchall() == [
-        (proposal_id, worker.node_id, 1, current)]
-    assert governance_blob() == blob  # a vote is a row; the governance state is written only with a round
+        code, _ = api.post("votes", Vote(proposal_id, worker.node_id, True, current), worker)
+        assert code == 201
+        assert stored_votes(books) == [(proposal_id, worker.node_id, True, current)]
+        assert books.get_meta("governance") == blob  # a vote is a row; the governance state is written with a round
 
 
-def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(processes, loopback_namespace):
-    coordinator = processes.coordinator("--deadline-seconds", "600")
+def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(processes, loopback_namespace, store_url):
+    coordinator = processes.coordinator("--deadline-seconds", "600", store=store_url)
     coordinator.wait_ready()
 
     async def scenario():
@@ -162,7 +164,7 @@ def test_a_rule_breaking_update_is_slashed_and_the_ledger_still_verifies(process
     assert balances[f"stake:{cheat}"] < balances[f"stake:{honest}"]
     assert sum(balances.values()) == 0  # double entry: credits equal debits
 
-    verified = cli("ledger", "verify", "--data-dir", str(coordinator.data_dir))
+    verified = cli("ledger", "verify", *coordinator.store_options())
     assert verified.returncode == 0, verified.stderr
     assert "ledger intact" in verified.stdout
 
@@ -183,11 +185,9 @@ def test_a_trainer_slower_than_the_deadline_adapts_h_and_makes_the_next_deadline
     assert job_h * step_floor > longest_deadline
     processes.trainer(coordinator.url, min_step_seconds=step_floor)
     coordinator.wait_for(lambda s: s["round"] >= 2, 300, "two rounds")
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        rounds = {r: (opened, deadline) for r, opened, deadline in
-                  db.execute("SELECT round - 1, opened_at, deadline FROM rounds WHERE round >= 1")}
-        updates = {r: (h, received) for r, h, received in
-                   db.execute("SELECT round, inner_steps, received_at FROM updates WHERE accepted = 1")}
+    with coordinator.read_store() as books:
+        rounds = {r.round - 1: (r.opened_at, r.deadline) for r in books.rounds() if r.round >= 1}
+        updates = {u.round: (u.inner_steps, u.received_at) for u in books.updates() if u.accepted}
     # round 0: nothing measured yet, so the trainer ran the assignment in full, and it missed the deadline
     first_h, first_received = updates[0]
     opened, deadline = rounds[0]

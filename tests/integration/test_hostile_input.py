@@ -1,13 +1,12 @@
 """A real coordinator process under hostile input, on its signaling socket and its HTTP API: every bad frame gets
 a typed Error and a 1008 close, a refused hello leaves no node behind, the store does not change, the process
-keeps answering, and its log holds no traceback."""
+keeps answering, and its log holds no traceback; on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -36,10 +35,11 @@ next_member = itertools.cycle(MEMBERS).__next__
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    """One coordinator for the whole module (starting one takes seconds); no round closes while it runs."""
+def coordinator(tmp_path_factory, module_store_url):
+    """One coordinator for the whole module (starting one takes seconds), once on SQLite and once on PostgreSQL;
+    no round closes while it runs."""
     tmp = tmp_path_factory.mktemp("hostile")
-    c = Coordinator(tmp, tmp / "data", "--deadline-seconds", "600")
+    c = Coordinator(tmp, tmp / "data", "--deadline-seconds", "600", store=module_store_url)
     try:
         c.wait_ready()
         yield c
@@ -169,13 +169,13 @@ def test_a_bad_frame_on_the_data_channel_gets_a_typed_error_and_closes_the_chann
 def store_snapshot(coordinator: Coordinator) -> dict:
     """What hostile input must never change: the nodes (but when they were last seen), the ledger, balances,
     updates, and the in-memory ledger's head."""
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
+    with coordinator.read_store() as books:
         tables = {
-            "nodes": db.execute("SELECT id, kind, agent, first_seen, updates_accepted, updates_rejected, tokens, "
-                                "last_path FROM nodes ORDER BY id").fetchall(),
-            "ledger": db.execute("SELECT * FROM ledger ORDER BY seq").fetchall(),
-            "balances": db.execute("SELECT * FROM balances ORDER BY account").fetchall(),
-            "updates": db.execute("SELECT * FROM updates ORDER BY id").fetchall(),
+            "nodes": sorted(({k: v for k, v in n.items() if k != "last_seen"} for n in books.nodes()),
+                            key=lambda n: n["id"]),
+            "ledger": books.ledger_entries(),
+            "balances": books.balances(),
+            "updates": books.updates(),
         }
     return {**tables, "head": coordinator.status_of("/api/ledger")["head"]}
 

@@ -1,14 +1,14 @@
 """A scripted hostile node against a real coordinator process: it signs its own messages and bends every claim.
 
 Each scenario was a way to earn without work, pay twice, outvote honest nodes or stop the coordinator. The
-coordinator must refuse it with a typed verdict, book nothing for it, and keep running.
+coordinator must refuse it with a typed verdict, book nothing for it, and keep running, on SQLite and on PostgreSQL
+(the `store_url` fixture).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 
 import numpy as np
@@ -30,13 +30,14 @@ def rewards_of(coordinator, node_id: str) -> list[dict]:
 
 
 def stored_updates(coordinator) -> list[tuple]:
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        return db.execute("SELECT round, node_id, accepted, reason FROM updates ORDER BY id").fetchall()
+    """(round, node, accepted, reason) of every update decision the coordinator committed, in order."""
+    with coordinator.read_store() as books:
+        return [(u.round, u.node_id, u.accepted, u.reason) for u in books.updates()]
 
 
 @pytest.fixture
-def coordinator(processes):
-    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0")
+def coordinator(processes, store_url):
+    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0", store=store_url)
     c.wait_ready()
     return c
 
@@ -83,10 +84,11 @@ def test_a_replayed_update_is_refused_in_the_next_round_and_paid_once(coordinato
 
 
 @pytest.mark.parametrize("verify_share, rule", [("0", "distinct-work"), ("0.05", "spot-check")])
-def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_votes(processes, verify_share, rule):
+def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_votes(processes, verify_share, rule,
+                                                                                    store_url):
     # without spot checks a near-copy is refused as such; with them (the default), suspected copies are
     # re-executed from their own assignments first, and a copy does not reproduce from its own
-    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", verify_share)
+    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", verify_share, store=store_url)
     coordinator.wait_ready()
 
     async def scenario():
@@ -114,8 +116,8 @@ def test_the_same_update_under_four_keys_is_paid_once_and_earns_the_copies_no_vo
     assert reputation[original] > 0 and all(reputation[c] < 0 for c in copies)
 
 
-def test_a_fabricated_update_fails_its_spot_check_and_earns_nothing(processes):
-    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", "1")
+def test_a_fabricated_update_fails_its_spot_check_and_earns_nothing(processes, store_url):
+    coordinator = processes.coordinator("--deadline-seconds", "600", "--verify-share", "1", store=store_url)
     coordinator.wait_ready()
 
     async def scenario():

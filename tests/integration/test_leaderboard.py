@@ -1,6 +1,7 @@
 """Identity and the leaderboard, against a real coordinator process: a trainer's signed --name and --team reach
 /api/status and /api/leaderboard (JSON and the CSV export), and a hello whose name is not its signer's, or not a
-name at all, is refused with a typed error."""
+name at all, is refused with a typed error. The ranking, which the store counts, on SQLite and on PostgreSQL (the
+`store_url` fixture)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ def fetch(url: str) -> tuple[str, str]:
         return r.headers["Content-Type"], r.read().decode()
 
 
-def test_a_named_trainer_is_ranked_in_the_json_and_the_csv_export(processes, loopback_namespace, tmp_path):
+def test_a_named_trainer_is_ranked_in_the_json_and_the_csv_export(processes, loopback_namespace, tmp_path,
+                                                                   store_url):
     coordinator = processes.coordinator("--inner-steps", "2", "--batch", "4", "--deadline-seconds", "600",
-                                        "--rounds", "1", "--verify-share", "0")
+                                        "--rounds", "1", "--verify-share", "0", store=store_url)
     coordinator.wait_ready()
     key_file = tmp_path / "trainer.key"
     trainer = processes.trainer(coordinator.url, "--key-file", str(key_file), "--max-rounds", "1",

@@ -5,20 +5,15 @@ SQLite and once on PostgreSQL (the `store_url` fixture; tests/postgres.py starts
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from server.cli import main as server
-from server.coordinator.store import Store, open_store
 from server.keys import NodeKey
-from shared.rewards import LedgerEntry, round_record_bytes
-from tests.conftest import Coordinator
-from tests.test_books import overpay, rewrite_books
-from tests.test_rewards import reforge
+from tests.integration.forgery import forged_copy
+from tests.test_books import overpay
 
 TRAIN_ARGS = ("--inner-steps", "2", "--batch", "4", "--deadline-seconds", "120")
 VOTED_INNER_STEPS = 3
@@ -38,51 +33,8 @@ def cli(capsys):
     return run
 
 
-def books_of(coordinator: Coordinator) -> Store:
-    """The coordinator's state as an auditor reads it: read-only, from whichever database it keeps it in."""
-    return open_store(coordinator.store or coordinator.data_dir / "state.db", read_only=True)
-
-
 def verify_args(data_dir: Path, store: str | None) -> list[str]:
     return ["ledger", "verify", "--data-dir", str(data_dir), *(["--store", store] if store else [])]
-
-
-def rewrite_postgres_books(url: str, edit, sign_with: NodeKey) -> None:
-    """tests.test_books.rewrite_books, done to a PostgreSQL store: the ledger edited and re-hashed, the balance
-    table and every round's head rewritten to match, each round record re-signed by `sign_with`."""
-    with psycopg.connect(url) as db:  # one transaction, committed on leaving
-        rows = db.execute("SELECT entry FROM ledger ORDER BY seq").fetchall()
-        entries = [LedgerEntry.from_dict(json.loads(r[0])) for r in rows]
-        old_hashes = [e.hash for e in entries]
-        forged = reforge(edit(entries))
-        db.execute("DELETE FROM ledger")
-        for e in forged.entries:
-            db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (%s, %s, %s, %s, %s, %s)",
-                       (e.seq, e.round, e.node, e.kind, e.hash, json.dumps(e.to_dict(), sort_keys=True)))
-        db.execute("DELETE FROM balances")
-        for account, amount in forged.balances().items():
-            db.execute("INSERT INTO balances (account, amount) VALUES (%s, %s)", (account, amount))
-        for round_, model_hash, head in db.execute("SELECT round, model_hash, ledger_head FROM rounds").fetchall():
-            if head in old_hashes:
-                head = forged.entries[min(old_hashes.index(head), len(forged.entries) - 1)].hash
-            db.execute("UPDATE rounds SET ledger_head = %s, signature = %s WHERE round = %s",
-                       (head, sign_with.sign(round_record_bytes(round_, model_hash, head)), round_))
-
-
-def forged_copy(coordinator: Coordinator, tmp_path: Path, sign_with: NodeKey) -> tuple[Path, str | None]:
-    """A copy of the stopped coordinator's data directory and store with the first reward overpaid, the chain
-    re-hashed and every round re-signed: (data directory, store URL or None for SQLite)."""
-    copy = tmp_path / "forged"
-    shutil.copytree(coordinator.data_dir, copy)
-    if coordinator.store is None:
-        rewrite_books(copy / "state.db", overpay, sign_with=sign_with)
-        return copy, None
-    source = coordinator.store.rpartition("/")[2]
-    with psycopg.connect(coordinator.store.rpartition("/")[0] + "/postgres", autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {source}_forged TEMPLATE {source}")  # needs the coordinator gone
-    url = f"{coordinator.store}_forged"
-    rewrite_postgres_books(url, overpay, sign_with)
-    return copy, url
 
 
 def test_a_job_killed_mid_round_resumes_with_its_votes_and_its_books_verify_until_edited(
@@ -104,10 +56,9 @@ def test_a_job_killed_mid_round_resumes_with_its_votes_and_its_books_verify_unti
         assert code == 0, err
     first.kill()  # SIGKILL, with a round open: no shutdown code runs
 
-    books = books_of(first)
-    committed = books.last_round()
-    (stored,) = books.proposals()
-    books.close()
+    with first.read_store() as books:
+        committed = books.last_round()
+        (stored,) = books.proposals()
     assert committed.round >= 1
     assert stored["proposal"]["id"] == proposal_id  # durable as each was accepted, before any round committed
     assert {v["voter"] for v in stored["votes"]} == {NodeKey.load_or_create(k).node_id for k in keys}
@@ -123,18 +74,18 @@ def test_a_job_killed_mid_round_resumes_with_its_votes_and_its_books_verify_unti
     assert all(t.proc.poll() is None for t in trainers)  # both trainers reconnected and trained on
     second.stop()
 
-    books = books_of(second)
-    (applied,) = books.proposals()
-    steps = {(u.round, u.inner_steps) for u in books.updates() if u.accepted and u.round >= applied["decided_round"]}
-    books.close()
+    with second.read_store() as books:
+        (applied,) = books.proposals()
+        steps = {(u.round, u.inner_steps) for u in books.updates()
+                 if u.accepted and u.round >= applied["decided_round"]}
     assert applied["status"] == "applied" and applied["decided_round"] > committed.round - 1
     assert steps and {h for _, h in steps} == {VOTED_INNER_STEPS}
-    code, out, err = cli(*verify_args(data_dir, store_url))
+    code, out, err = cli("ledger", "verify", *second.store_options())
     assert code == 0, err
     assert "ledger intact" in out and f"{len(rounds)} round records signed" in out
 
     coordinator_key = NodeKey.load_or_create(data_dir / "coordinator.key")
-    code, _, err = cli(*verify_args(*forged_copy(second, tmp_path, sign_with=coordinator_key)))
+    code, _, err = cli("ledger", "verify", *forged_copy(second, tmp_path, "forged", overpay, sign_with=coordinator_key))
     assert code == 1 and "does not follow the formula" in err, err
 
 

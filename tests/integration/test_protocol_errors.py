@@ -1,11 +1,10 @@
 """A real coordinator process, spoken to by a hand-driven client over the WebSocket path: bad input gets typed
-errors, and a rejected update changes nothing."""
+errors, and a rejected update changes nothing, on SQLite and on PostgreSQL (the `store_url` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 
 import numpy as np
 import pytest
@@ -105,9 +104,9 @@ def run(coro):
 
 
 @pytest.fixture
-def coordinator(processes):
+def coordinator(processes, store_url):
     # these clients send made-up values, which a spot check would rightly find fake: none is re-executed here
-    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0")
+    c = processes.coordinator("--deadline-seconds", "600", "--verify-share", "0", store=store_url)
     c.wait_ready()
     return c
 
@@ -182,8 +181,8 @@ def test_a_bad_update_is_rejected_with_its_rule_and_changes_nothing(coordinator,
     assert after["history"][1]["accepted"] == 1 and after["history"][1]["rejected"] == booked
 
 
-def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(processes):
-    coordinator = processes.coordinator("--deadline-seconds", "5", "--verify-share", "0")
+def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(processes, store_url):
+    coordinator = processes.coordinator("--deadline-seconds", "5", "--verify-share", "0", store=store_url)
     coordinator.wait_ready()
 
     async def scenario():
@@ -210,7 +209,7 @@ def test_a_late_update_counts_once_at_half_weight_and_an_older_one_is_dropped(pr
     assert late.accepted
     assert not too_late.accepted and too_late.rule == "max-staleness"
     assert not replayed.accepted and replayed.rule == "replay"
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        rows = db.execute("SELECT round, accepted, weight FROM updates ORDER BY id").fetchall()
+    with coordinator.read_store() as books:
+        rows = [(u.round, u.accepted, u.weight) for u in books.updates()]
     # the late one is booked with round 1, at half weight (the stale one waits for round 3's commit)
     assert rows == [(0, 1, 1.0), (0, 1, 0.5), (2, 1, 1.0)]

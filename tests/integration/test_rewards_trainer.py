@@ -1,16 +1,17 @@
 """Rewards earned by a real trainer: `python -m server trainer` over a WebRTC data channel trains, is paid, checks
 its signed receipt itself, and `python -m server ledger verify` accepts the books; an edit of its reward does not
-pass. The scripted client of test_protocol_errors is here only to break a rule beside it."""
+pass. The scripted client of test_protocol_errors is here only to break a rule beside it. On SQLite and on PostgreSQL
+(the `store_url` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import sqlite3
 
 import numpy as np
 
+from tests.integration.forgery import write_as_forger
 from tests.integration.test_governance import cli
 from tests.integration.test_protocol_errors import Client
 from server.keys import NodeKey
@@ -18,10 +19,11 @@ from shared.wire import RoundOpen
 
 
 def test_a_real_trainer_earns_a_receipt_it_verifies_and_ledger_verify_accepts_the_books(processes,
-                                                                                      loopback_namespace, tmp_path):
+                                                                                      loopback_namespace, tmp_path,
+                                                                                      store_url):
     # a tiny job: two rounds of two inner steps; the default share of spot checks re-executes a new node's updates
     coordinator = processes.coordinator("--inner-steps", "2", "--batch", "4", "--deadline-seconds", "600",
-                                        "--rounds", "2")
+                                        "--rounds", "2", store=store_url)
     coordinator.wait_ready()
 
     async def rule_breaker():
@@ -47,13 +49,12 @@ def test_a_real_trainer_earns_a_receipt_it_verifies_and_ledger_verify_accepts_th
     assert row["updates_accepted"] == 2
     coordinator.stop()
 
-    with sqlite3.connect(f"file:{coordinator.data_dir / 'state.db'}?mode=ro", uri=True) as db:
-        # the data channel, not the WebSocket fallback
-        assert db.execute("SELECT last_path FROM nodes WHERE id = ?", (node,)).fetchone() == ("webrtc",)
-        updates = db.execute("SELECT round, node_id, accepted, reason FROM updates ORDER BY id").fetchall()
-        entries = [json.loads(e) for (e,) in db.execute("SELECT entry FROM ledger ORDER BY seq")]
-    assert [(r, n, a) for r, n, a, _ in updates] == [(0, cheat, 0), (0, node, 1), (1, node, 1)]
-    assert "finite-values" in updates[0][3]
+    with coordinator.read_store() as books:
+        paths = {n["id"]: n["last_path"] for n in books.nodes()}
+        updates, entries = books.updates(), books.ledger_entries()
+    assert paths[node] == "webrtc"  # the data channel, not the WebSocket fallback
+    assert [(u.round, u.node_id, u.accepted) for u in updates] == [(0, cheat, False), (0, node, True), (1, node, True)]
+    assert "finite-values" in updates[0].reason
     rewards = [e for e in entries if e["kind"] == "reward" and e["node"] == node]
     assert [e["round"] for e in rewards] == [1, 2]  # booked as rounds 1 and 2 commit
     assert not [e for e in entries if e["kind"] in ("reward", "grant") and e["node"] == cheat]
@@ -67,15 +68,13 @@ def test_a_real_trainer_earns_a_receipt_it_verifies_and_ledger_verify_accepts_th
     assert shown.group(1) == f"{rewards[0]['balances'][node] / 1e6:,.6f}"
     assert rewards[0]["balances"][node] > 0
 
-    verified = cli("ledger", "verify", "--data-dir", str(coordinator.data_dir))
+    verified = cli("ledger", "verify", *coordinator.store_options())
     assert verified.returncode == 0, verified.stderr
     assert "ledger intact" in verified.stdout and "2 rewards recomputed" in verified.stdout, verified.stdout
 
     # the trainer's first reward, doubled in place: verify names that entry
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        (seq, raw), = db.execute("SELECT seq, entry FROM ledger WHERE seq = ?", (rewards[0]["seq"],))
-        entry = json.loads(raw)
-        entry["postings"] = [[account, amount * 2] for account, amount in entry["postings"]]
-        db.execute("UPDATE ledger SET entry = ? WHERE seq = ?", (json.dumps(entry), seq))
-    tampered = cli("ledger", "verify", "--data-dir", str(coordinator.data_dir))
+    seq = rewards[0]["seq"]
+    doubled = {**rewards[0], "postings": [[account, amount * 2] for account, amount in rewards[0]["postings"]]}
+    write_as_forger(coordinator, "UPDATE ledger SET entry = ? WHERE seq = ?", (json.dumps(doubled), seq))
+    tampered = cli("ledger", "verify", *coordinator.store_options())
     assert tampered.returncode == 1 and f"entry {seq}" in tampered.stderr, tampered.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -37,8 +36,8 @@ def torchrun(tmp_path):
 
 
 def stored_updates(coordinator) -> list[tuple]:
-    with sqlite3.connect(coordinator.data_dir / "state.db") as db:
-        return db.execute("SELECT round, node_id, accepted, reason FROM updates ORDER BY id").fetchall()
+    with coordinator.read_store() as books:
+        return [(u.round, u.node_id, u.accepted, u.reason) for u in books.updates()]
 
 
 def test_two_ranks_train_as_one_node_whose_updates_reproduce_under_spot_checks(processes, torchrun,

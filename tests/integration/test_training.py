@@ -1,8 +1,7 @@
-"""Real processes: a coordinator and PyTorch trainers over aiortc data channels, in a loopback-only namespace."""
+"""Real processes: a coordinator and PyTorch trainers over aiortc data channels, in a loopback-only namespace. What
+a coordinator keeps across a kill is checked once on SQLite and once on PostgreSQL (the `store_url` fixture)."""
 
 from __future__ import annotations
-
-import sqlite3
 
 TRAIN_ARGS = ("--inner-steps", "6", "--batch", "8", "--deadline-seconds", "90")
 
@@ -36,19 +35,20 @@ def test_trainer_leaves_after_max_rounds(processes, loopback_namespace):
     assert node["state"] == "offline"
 
 
-def test_killed_coordinator_resumes_at_the_next_round(processes, loopback_namespace, tmp_path):
+def test_killed_coordinator_resumes_at_the_next_round(processes, loopback_namespace, tmp_path, store_url):
     data_dir = tmp_path / "data"
-    first = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir)
+    first = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, store=store_url)
     first.wait_ready()
     trainers = [processes.trainer(first.url), processes.trainer(first.url)]
     first.wait_for(lambda s: s["round"] >= 1, 240, "a committed round")
     first.kill()  # SIGKILL: no shutdown code runs
 
-    with sqlite3.connect(data_dir / "state.db") as db:
-        committed, committed_hash = db.execute("SELECT round, model_hash FROM rounds ORDER BY round DESC").fetchone()
+    with first.read_store() as books:
+        last = books.last_round()
+    committed, committed_hash = last.round, last.model_hash
     assert committed >= 1
 
-    second = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, port=first.port)
+    second = processes.coordinator(*TRAIN_ARGS, data_dir=data_dir, store=store_url, port=first.port)
     resumed = second.wait_ready()
     assert resumed["round"] == committed
     assert resumed["model_hash"] == committed_hash  # the checkpoint of the last committed round is loaded
@@ -60,9 +60,8 @@ def test_killed_coordinator_resumes_at_the_next_round(processes, loopback_namesp
     assert all(h["accepted"] >= 1 for h in after)
     # the same two trainers (same keys) reconnected and kept contributing
     assert len(status["nodes"]) == 2
-    with sqlite3.connect(data_dir / "state.db") as db:
-        contributors = {r[0] for r in db.execute("SELECT node_id FROM updates WHERE round >= ? AND accepted = 1",
-                                                  (committed,))}
+    with second.read_store() as books:
+        contributors = {u.node_id for u in books.updates() if u.round >= committed and u.accepted}
     assert len(contributors) == 2
     assert all(t.proc.poll() is None for t in trainers)
 
