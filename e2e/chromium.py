@@ -7,12 +7,13 @@ list). Never run `playwright install`: it downloads a browser, which fails here.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from playwright.sync_api import Page
+
+from tests.processes import LoggedProcess
 
 CHROMIUM = "/usr/bin/chromium"
 BASE_FLAGS = [
@@ -26,17 +27,14 @@ WEBRTC_FLAGS = ["--allow-loopback-in-peer-connection", "--disable-features=WebRt
 DEVTOOLS_TIMEOUT_S = 30.0
 
 
-class BrowserProcess:
+class BrowserProcess(LoggedProcess):
     """One Chromium with a fresh profile; `page()` opens a tab whose console is kept for failure reports."""
 
     def __init__(self, playwright, flags: list[str], log_dir: Path):
         self.profile = Path(tempfile.mkdtemp(prefix="swarmgrad-chromium-"))
         self.log_path = log_dir / f"chromium-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [CHROMIUM, *BASE_FLAGS, *flags, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
-             "about:blank"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+        super().__init__([CHROMIUM, *BASE_FLAGS, *flags, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
+                          "about:blank"], self.log_path)
         self.console: list[str] = []
         try:
             port = self._devtools_port()
@@ -71,12 +69,5 @@ class BrowserProcess:
             if getattr(self, "browser", None) is not None:
                 self.browser.close()
         finally:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-            self._log.close()
+            self.stop()
             shutil.rmtree(self.profile, ignore_errors=True)

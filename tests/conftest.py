@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures: one PostgreSQL server a session
+from tests.processes import LoggedProcess
 
 if TYPE_CHECKING:  # the store's package imports torch: not for every test session's start
     from server.coordinator.store import Store
@@ -56,36 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Process:
-    """A child process whose output goes to a log file, shown when a test fails."""
+class Process(LoggedProcess):
+    """A Python child process (`python ARGS` from the repository root, unbuffered) whose output goes to a log file,
+    shown when a test fails."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+        super().__init__([sys.executable, *args], log_path, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                         cwd=ROOT)
 
 
 class Coordinator(Process):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import LoggedProcess
+
 SUPERUSER = "swarmgrad"
 UNPRIVILEGED_USER = "nobody"  # who initdb and postgres run as when the tests run as root
 READY_TIMEOUT_S = 60.0
@@ -41,7 +43,7 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-class PostgresServer:
+class PostgresServer(LoggedProcess):
     """postgres on 127.0.0.1:`port`, trusting local connections of `SUPERUSER` (a throwaway server). Unless
     `durable`, it never syncs to disk (for tests); a benchmark that compares commit latency wants it durable."""
 
@@ -58,13 +60,13 @@ class PostgresServer:
         subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(workdir / "data"), "-U", SUPERUSER,
                         "--auth=trust", "--no-sync", "--no-locale", "--encoding=UTF8", "--no-instructions"],
                        check=True, capture_output=True, timeout=INITDB_TIMEOUT_S)
-        self._log = open(self.log_path, "wb")
         # fsync off in tests: what is under test is the coordinator's transactions surviving the coordinator's
         # death, not this throwaway server surviving the machine's
-        self.proc = subprocess.Popen(
+        # SIGINT is postgres's "fast" shutdown; SIGTERM's "smart" one waits on clients
+        super().__init__(
             [*as_user, str(bin_dir / "postgres"), "-D", str(workdir / "data"), "-h", "127.0.0.1", "-p", str(self.port),
              "-k", str(workdir), *([] if durable else ["-c", "fsync=off"])],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            self.log_path, stop_signal=signal.SIGINT, stop_grace=30.0)
         self._wait_ready()
 
     def url(self, database: str = "postgres") -> str:
@@ -94,21 +96,6 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {name}")
         return self.url(name)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown; SIGTERM's "smart" one waits on clients
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

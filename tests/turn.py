@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.processes import LoggedProcess
 
 TURN_USER = "swarmgrad-node"
 TURN_PASSWORD = "turn-secret-7f3a"  # distinctive, so a test can look for it where it must never appear
@@ -51,40 +52,23 @@ def stun_binding_answered(port: int) -> bool:
     return answer[:2] == (0x0101).to_bytes(2, "big") and answer[8:20] == transaction
 
 
-class TurnServer:
+class TurnServer(LoggedProcess):
     """coturn on 127.0.0.1:`port`; `url` is its turn: URL over UDP."""
 
     def __init__(self, workdir: Path):
         self.port = free_udp_and_tcp_port()
         self.url = f"turn:127.0.0.1:{self.port}?transport=udp"
-        self.log_path = workdir / "turnserver.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        super().__init__(
             ["turnserver", "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", "--allow-loopback-peers",
              "-p", str(self.port), "--lt-cred-mech", "--user", f"{TURN_USER}:{TURN_PASSWORD}", "--realm", TURN_REALM,
              "--no-tls", "--no-dtls", "--no-cli", "--log-file", "stdout", "--pidfile", str(workdir / "turnserver.pid"),
              "--userdb", str(workdir / "turndb.sqlite")],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            workdir / "turnserver.log")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not stun_binding_answered(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"turnserver did not answer STUN on port {self.port}:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 def running_turn_server(tmp_path: Path, request):
