@@ -28,7 +28,7 @@ const state = {
   phase: "idle", // idle | starting | connecting | training | stopping | stopped | failed | finished
   path: null, // webrtc | webrtc-relay (through TURN) | websocket
   message: "", connection: "", round: null, stepsDone: 0, steps: 0, tokensPerSec: null,
-  updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
+  uploads: 0, updatesAccepted: 0, updatesRejected: 0, roundsClosed: [], localLoss: [], valLoss: [], nodeId: null,
   adapter: null, balance: null, receipts: [],
   rank: null, ranked: 0, // this node's place on /api/leaderboard, and how many nodes are on it
   models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes, hash, fromPeers,
@@ -381,6 +381,7 @@ function onReport(r) {
       state.peers = r.open;
       break;
     case "uploaded":
+      state.uploads += 1;
       state.connection = "waiting for the verdict";
       break;
     case "update":

@@ -17,10 +17,9 @@ from e2e.test_browser_node import SCREENSHOT_DIR, STATE_JS, open_page, wait_for_
 # six inner steps, so that a press lands inside a round; batch 4 keeps a round to a few seconds on SwiftShader
 JOB = ("--inner-steps", "6", "--batch", "4", "--deadline-seconds", "300")
 QUIET_S = 3.0  # how long a paused node is watched for updates it must not send
-# The page's main-thread long tasks (over 50 ms), as {start, duration} in ms. Loading Pyodide on the main thread took
-# one of 6 to 21 s here; with the node in its worker, no task passed 50 ms. The bound is 20x that, so that only a page
-# that blocks again (not a slow machine) fails it.
-MAX_MAIN_THREAD_TASK_MS = 1000
+# The page's main-thread long tasks (over 50 ms), as {start, duration} in ms, reported, never bounded (a duration is
+# the machine's speed): loading Pyodide on the main thread took one of 6 to 21 s here, and with the node in its worker
+# none passed 50 ms. What the test asserts is where Pyodide and the bundle load: never on the page's thread.
 LONG_TASKS_JS = """
 window.__longTasks = [];
 new PerformanceObserver((list) => {
@@ -76,8 +75,8 @@ def test_pause_resume_gpu_share_hidden_tab_and_finish(processes, chromium, loopb
                          "the node paused")
     assert page.is_visible("#resume") and page.is_hidden("#pause")
     shot(page, "paused")
-    time.sleep(1.0)  # an update already on its way when Pause was pressed may still land
-    before = page.evaluate(STATE_JS)["updatesAccepted"]
+    # an update already on its way when Pause was pressed has its verdict first
+    before = wait_for_state(page, "s.updatesAccepted + s.updatesRejected >= s.uploads", 60)["updatesAccepted"]
     round_before = coordinator.status()["round"]
     time.sleep(QUIET_S)
     assert page.evaluate(STATE_JS)["updatesAccepted"] == before
@@ -124,7 +123,6 @@ def test_pause_resume_gpu_share_hidden_tab_and_finish(processes, chromium, loopb
     print(f"main-thread long tasks while contributing: {len(long_tasks)}, {sum(long_tasks) / 1000:.1f} s in all, "
           f"longest {max(long_tasks, default=0):.0f} ms")
     assert page.evaluate(MAIN_THREAD_PYODIDE_JS) == []
-    assert max(long_tasks, default=0) < MAX_MAIN_THREAD_TASK_MS, long_tasks
 
 
 @pytest.mark.timeout(300)

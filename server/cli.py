@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from server.options import (CODEC_HELP, codec_option, display_name_option, int_at_least, listen_option,
-                            share_option)
+from server.options import (CODEC_HELP, codec_option, display_name_option, ice_server_url, int_at_least, listen_option,
+                            model_option, share_option, tokenizer_option)
 
 COMMANDS = ("serve", "trainer", "status", "ledger", "governance", "simulate", "export", "sample")
 TURN_PASSWORD_ENV = "SWARMGRAD_TURN_PASSWORD"
@@ -113,36 +113,6 @@ def serve_parser() -> argparse.ArgumentParser:
                         "(default: $FORWARDED_ALLOW_IPS, else 127.0.0.1,::1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
-
-
-def model_option(text: str) -> str:
-    """An argparse type: a named model size or the custom form, in its one spelling (shared.model.canonical_model)."""
-    from shared.model import ModelSpecError, canonical_model
-
-    try:
-        return canonical_model(text)
-    except ModelSpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def ice_server_url(text: str) -> str:
-    """An argparse type: a stun:, turn: or turns: URL (server.net.rtc.parse_ice_url), with what is wrong."""
-    from server.net import rtc
-
-    try:
-        return rtc.parse_ice_url(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def tokenizer_option(text: str) -> str:
-    """An argparse type: bytes or bpe:VOCAB (server.tokenizer.parse_tokenizer), with what is wrong."""
-    from server.tokenizer import TokenizerError, parse_tokenizer
-
-    try:
-        return str(parse_tokenizer(text))
-    except TokenizerError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_serve_args(argv: list[str]) -> argparse.Namespace:

@@ -70,3 +70,33 @@ def display_name_option(text: str) -> str:
     except FieldError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def model_option(text: str) -> str:
+    """An argparse type: a named model size or the custom form, in its one spelling (shared.model.canonical_model)."""
+    from shared.model import ModelSpecError, canonical_model
+
+    try:
+        return canonical_model(text)
+    except ModelSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def ice_server_url(text: str) -> str:
+    """An argparse type: a stun:, turn: or turns: URL (server.net.rtc.parse_ice_url), with what is wrong."""
+    from server.net import rtc
+
+    try:
+        return rtc.parse_ice_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def tokenizer_option(text: str) -> str:
+    """An argparse type: bytes or bpe:VOCAB (server.tokenizer.parse_tokenizer), with what is wrong."""
+    from server.tokenizer import TokenizerError, parse_tokenizer
+
+    try:
+        return str(parse_tokenizer(text))
+    except TokenizerError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
