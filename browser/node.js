@@ -33,6 +33,7 @@ const state = {
   rank: null, ranked: 0, // this node's place on /api/leaderboard, and how many nodes are on it
   models: [], // how each round's model arrived: {round, source: "delta" | "blobs" | "link", bytes, hash, fromPeers,
   // fromCoordinator}
+  trainedOn: [], // each update sent: {round (as the coordinator numbers it, from 0), modelHash: the model it trained on}
   peers: 0, bytesFromPeers: 0, bytesFromCoordinator: 0, // open peer links; the models' bytes, by where they came from
   mode: "active", // active | paused | finishing: the user's controls, as the node took them (shared/node.py)
   pausedBy: null, // what paused the node when the page did: "hidden" (the tab) or "battery"; null for the user
@@ -382,6 +383,7 @@ function onReport(r) {
       break;
     case "uploaded":
       state.uploads += 1;
+      state.trainedOn.push({ round: r.round, modelHash: r.model_hash });
       state.connection = "waiting for the verdict";
       break;
     case "update":

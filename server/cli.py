@@ -68,6 +68,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="peer links the coordinator (as tracker) advises each node to open: nodes fetch model chunks "
                         "from each other first and the coordinator seeds each chunk about once; 0 = a star, every "
                         "node fetches everything from the coordinator (default: %(default)s)")
+    p.add_argument("--overlap", action="store_true",
+                   help="overlapped rounds: nodes train round r+1 on the model before round r's aggregate, starting "
+                        "as soon as they sent round r's update, so that no node waits for a round to close; each "
+                        "aggregate steps the model one round later. A governed parameter: this seeds a new job, "
+                        "votes change it (default: off)")
     p.add_argument("--aggregator", default=d.aggregator, choices=list(aggregate.RULES),
                    help="how the coordinator combines updates; governed, so votes may change it "
                         "(default: %(default)s)")
@@ -209,7 +214,7 @@ def serve(argv: list[str]) -> int:
         job = JobConfig(model=args.model, inner_steps=args.inner_steps, rounds=args.rounds,
                         deadline_seconds=args.deadline_seconds, lr=args.lr, batch=args.batch, seed=args.seed,
                         codec=args.codec, delta_codec=args.delta_codec, aggregator=args.aggregator,
-                        verify_share=args.verify_share, tokenizer=args.tokenizer)
+                        verify_share=args.verify_share, tokenizer=args.tokenizer, overlap=args.overlap)
         corpus = load_corpus(args.data)
         ice = args.ice_host
         if not ice and ipaddress.ip_address(args.host if args.host != "localhost" else "127.0.0.1").is_loopback:

@@ -186,7 +186,8 @@ class TorchPort(ClientLinks):
             log.info("round %d: model fetched over the %s (%d bytes); model %s", f["round"], f["source"], f["bytes"],
                      f["hash"])
         elif event == "uploaded":
-            log.info("round %d: uploaded %d bytes, sha256 %s", f["round"] + 1, f["bytes"], f["sha256"])
+            log.info("round %d: uploaded %d bytes, sha256 %s, trained on model %s", f["round"] + 1, f["bytes"],
+                     f["sha256"], f["model_hash"])
         elif event == "round_closed":
             balance = "" if f["balance"] is None else f" | balance {f['balance'] / 1e6:.6f} credits"
             self.progress.show(f"round {f['round']} closed: validation loss {f['val_loss']:.4f}, "

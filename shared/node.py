@@ -4,7 +4,8 @@ workers all run this state machine, and differ only in the small `NodePort` each
 One session: the signed handshake, the link (a WebRTC data channel, or the signaling WebSocket as fallback), then
 rounds: check the assignment's signed model hash, fetch the model if it is not held, plan H and batch from the
 round config (the autonomy loop), train from a fresh AdamW on the shared batch schedule, encode with error
-feedback, sign and upload, and wait for the verdict. Lost links reconnect with backoff. Every node handles a
+feedback, sign and upload, and wait for the verdict (with overlapped rounds, take up the next round at once and book
+the verdict when it arrives). Lost links reconnect with backoff. Every node handles a
 refusal, quarantine, a rejected or non-finite update and the job's end the same way. Standard library only:
 Pyodide runs it. Never upload an update computed on a model whose hash and signature were not checked.
 """
@@ -90,6 +91,18 @@ class Ended:
 
     def __str__(self) -> str:
         return self.how if self.how == "stopped" else f"{self.how}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An uploaded update whose verdict has not come: what booking it needs."""
+
+    work: "Work"
+    losses: list
+    seconds: float
+    received: float  # when the node took up the round
+    deadline_seconds: float
+    overlapped: bool  # the node went on to the next round without waiting for it
 
 
 @dataclass(frozen=True)
@@ -230,8 +243,8 @@ class NodePort:
     def report(self, event: str, **fields: Any) -> None:
         """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "delta",
         "blobs" or "link", its hash, and the bytes that came from peers and from the coordinator; for blobs, also
-        from_peers_direct: of the bytes from peers, those fetched from their blob URLs), "uploaded",
-        "update", "round_closed", "receipt", "notice", "finished", "fatal", and "mode" (pause, resume, finish: `mode`
+        from_peers_direct: of the bytes from peers, those fetched from their blob URLs), "uploaded" (with the hash
+        of the model the update was computed on), "update", "round_closed", "receipt", "notice", "finished", "fatal", and "mode" (pause, resume, finish: `mode`
         is "paused", "active" or "finishing")."""
 
 
@@ -260,6 +273,8 @@ class Node:
         self._welcomed = False
         self._transfer_id = 0
         self._trained: tuple[int, float, float] | None = None  # the last round trained: (round, assigned at, seconds)
+        self._taken: tuple[int, str] | None = None  # the last assignment taken up: (round, model hash)
+        self._awaiting: dict[int, Sent] = {}  # round -> the update sent for it, until its verdict is booked
         self._snapshot_manifest: asyncio.Task | None = None  # fetching the round's, while its delta comes
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._answer: asyncio.Future | None = None
@@ -295,6 +310,8 @@ class Node:
         elif item is not None and not isinstance(item, IceCandidate):
             if isinstance(item, RoundClosed):  # read now: a node paused mid-round drops the round if it closed
                 self._closed_round = max(self._closed_round, item.round)
+            if isinstance(item, UpdateResult) and item.round in self._awaiting:
+                self._book(item)  # booked on arrival: with overlapped rounds the node is training the next one
             self._inbox.put_nowait(item)
 
     def lost(self, source: str, reason: str) -> None:
@@ -450,6 +467,8 @@ class Node:
     async def _session(self) -> None:
         self.phase = Phase.JOINING
         self._inbox, self._receivers, self._answer = asyncio.Queue(), {}, None
+        # a new session: the coordinator assigns afresh, and verdicts sent on the old link are lost with it
+        self._taken, self._awaiting = None, {}
         if self.stopped:
             raise Stopped("stopped")
         self.port.report("state", state="connecting", path=None)
@@ -596,15 +615,20 @@ class Node:
             item = pending or await self._next()
             pending = None
             if isinstance(item, RoundOpen):
+                if self._closed_round > item.round or self._taken == (item.round, item.model_hash):
+                    continue  # closed already (a newer assignment is on its way), or taken up already
                 try:
                     await self._hold_while_paused(item.round)
+                    self._taken = (item.round, item.model_hash)
                     pending = await self._round(item)
                 except RoundDropped as e:
                     self.port.report("notice", message=str(e))
-                if self.max_rounds and self.rounds_done >= self.max_rounds:
+                if self.max_rounds and self.rounds_done + len(self._awaiting) >= self.max_rounds:
+                    await self._verdicts()
                     await self._leave(f"completed {self.rounds_done} round(s)")
                     raise JobFinished(f"completed {self.rounds_done} round(s)")
                 if self.mode == "finishing":
+                    await self._verdicts()
                     self.stopped = True
                     raise Stopped("finished the round, as asked")  # _session says goodbye
 
@@ -648,9 +672,17 @@ class Node:
             self.port.report("notice", message=f"round {assignment.round + 1}: the update is not finite ({e}); "
                                                "it is not sent, and this node carries on with the next round")
             return newer
+        overlapped = cfg.get("overlap") is True
+        # awaited before it is sent: the verdict may come back while the last bytes are still being sent
+        sent = self._awaiting[assignment.round] = Sent(work, losses, seconds, received,
+                                                       float(cfg["deadline_seconds"]), overlapped)
         header = await self._upload(assignment, work, payload, losses, seconds)
-        self.port.report("uploaded", round=assignment.round, bytes=header.total_bytes, sha256=header.sha256)
-        return await self._verdict(assignment, work, losses, seconds, received, newer)
+        self.port.report("uploaded", round=assignment.round, bytes=header.total_bytes, sha256=header.sha256,
+                         model_hash=self.model_hash)  # the model it trained on, held and checked against the hash
+        if overlapped:  # the next round is open already: train it now, and book this verdict when it comes
+            self._plan_from(sent)
+            return newer
+        return await self._verdict(assignment, newer)
 
     async def _fetch_model(self, assignment: RoundOpen) -> RoundOpen | None:
         """Ask for the round's model unless it is held. A newer RoundOpen that arrives meanwhile is returned."""
@@ -672,7 +704,7 @@ class Node:
                 self.port.report("model", round=assignment.round + 1, source="link", bytes=len(data), chunks=0,
                                  hash=self.model_hash, from_peers=0, from_coordinator=len(data))
                 return newer
-            if isinstance(item, UpdateResult) and not item.accepted:
+            if isinstance(item, UpdateResult) and not item.accepted and item.round == assignment.round:
                 self.port.report("notice", message=f"model request refused: {item.reason}")
                 return newer
             if isinstance(item, RoundOpen):
@@ -817,30 +849,50 @@ class Node:
             await self._send(chunk)
         return header
 
-    async def _verdict(self, assignment: RoundOpen, work: Work, losses: list[float], seconds: float,
-                       received: float, newer: RoundOpen | None) -> RoundOpen | None:
+    async def _verdict(self, assignment: RoundOpen, newer: RoundOpen | None) -> RoundOpen | None:
+        """Wait for the verdict on this round's update (booked by feed as it arrives); a newer RoundOpen that
+        arrives meanwhile is returned."""
         self.phase = Phase.AWAITING_VERDICT
         deadline = time.time() + RESULT_TIMEOUT_S
-        while time.time() < deadline:
+        while assignment.round in self._awaiting and time.time() < deadline:
             try:
                 item = await self._next(max(0.1, deadline - time.time()))
             except asyncio.TimeoutError:
                 break
-            if isinstance(item, UpdateResult) and item.round == assignment.round:
-                self.planner.finished(work.steps, seconds, work.batch, max(0.0, time.time() - received - seconds),
-                                      float(assignment.config["deadline_seconds"]))
-                self.rounds_done += 1
-                self.accepted += int(item.accepted)
-                self.rejected += int(not item.accepted)
-                tokens = tokens_allowed(work.steps, work.batch, work.seq_len)
-                self.port.report("update", round=assignment.round, accepted=item.accepted, reason=item.reason,
-                                 rule=item.rule, accepted_total=self.accepted, rejected_total=self.rejected,
-                                 loss_first=losses[0], loss_last=losses[-1], steps=work.steps,
-                                 tokens_per_s=tokens / max(seconds, 1e-9))
-                return newer
             if isinstance(item, RoundOpen):
                 newer = item
-        raise Disconnected("no verdict on the update")
+        if assignment.round in self._awaiting:
+            raise Disconnected("no verdict on the update")
+        return newer
+
+    async def _verdicts(self) -> None:
+        """Before leaving: wait (a bounded time) for the verdicts on the updates sent and not yet judged."""
+        deadline = time.time() + RESULT_TIMEOUT_S
+        while self._awaiting and time.time() < deadline:
+            try:
+                await self._next(max(0.1, deadline - time.time()))
+            except asyncio.TimeoutError:
+                break
+
+    def _book(self, result: UpdateResult) -> None:
+        """The verdict on an update this node sent: counted, and reported."""
+        sent = self._awaiting.pop(result.round)
+        work, losses = sent.work, sent.losses
+        if not sent.overlapped:  # (an overlapped round's speed was learnt when it was sent)
+            self._plan_from(sent)
+        self.rounds_done += 1
+        self.accepted += int(result.accepted)
+        self.rejected += int(not result.accepted)
+        tokens = tokens_allowed(work.steps, work.batch, work.seq_len)
+        self.port.report("update", round=result.round, accepted=result.accepted, reason=result.reason,
+                         rule=result.rule, accepted_total=self.accepted, rejected_total=self.rejected,
+                         loss_first=losses[0], loss_last=losses[-1], steps=work.steps,
+                         tokens_per_s=tokens / max(sent.seconds, 1e-9))
+
+    def _plan_from(self, sent: Sent) -> None:
+        """The autonomy loop learns the round's speed and what it waited besides training, until now."""
+        self.planner.finished(sent.work.steps, sent.seconds, sent.work.batch,
+                              max(0.0, time.time() - sent.received - sent.seconds), sent.deadline_seconds)
 
 
 def _rules_in_force(config: dict) -> dict | None:

@@ -263,7 +263,9 @@ class PathSelect(Message):
 
 @message("round_open")
 class RoundOpen(Message):
-    """Coordinator -> node: the assignment for round `round` (the model after `round` completed rounds).
+    """Coordinator -> node: the assignment for round `round`: the model after `round` completed rounds, or with
+    overlapped rounds (config "overlap") the model after `round - 1`, which opens while round `round - 1` still
+    collects its updates (a node starts it at once, without waiting for the verdict on its last update).
 
     `model_signature` is the coordinator's signature over signing_bytes("model", {"round", "model_hash"}).
     """
@@ -271,7 +273,7 @@ class RoundOpen(Message):
     round: int
     model_hash: str
     model_signature: str
-    # inner_steps, lr, batch, seq_len, weight_decay, codec, deadline_seconds; and what a node plans its round from
+    # inner_steps, lr, batch, seq_len, weight_decay, codec, deadline_seconds, overlap; and what a node plans its round from
     # (shared.agent.RoundPlanner): rules, the round_config rules in force, and params, the governed parameters, each
     # as GET /api/governance lists them
     config: dict

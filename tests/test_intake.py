@@ -138,7 +138,7 @@ def test_an_accepted_update_books_its_quality_and_a_protocol_refusal_is_recorded
 
 def test_a_round_decides_one_update_per_node_for_itself_and_one_late_one():
     node, other = NodeKey().node_id, NodeKey().node_id
-    rnd = OpenRound(5, 0.0, 60.0)
+    rnd = OpenRound(5, 0.0, 60.0, None)
     rnd.add(DecidedUpdate(update(node, 4), 0.5, "", 16, np.ones(4, np.float32), ALLOWED))
     assert rnd.decided(node, 4) and rnd.decided(node, 3)  # one late update a round, whichever round it was for
     assert not rnd.decided(node, 5) and not rnd.decided(other, 4)

@@ -20,7 +20,8 @@ from shared.rules import Rule
 from shared.model import model_config
 from shared.wire import LimitExceeded, RoundOpen, decode_message
 
-ROUND_CONFIG_KEYS = {"inner_steps", "lr", "weight_decay", "batch", "seq_len", "codec", "deadline_seconds"}
+ROUND_CONFIG_KEYS = {"inner_steps", "lr", "weight_decay", "batch", "seq_len", "codec", "deadline_seconds",
+                     "overlap"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_the_round_config_carries_the_round_config_rules_and_the_governed_params
     g = governor(tmp_path)
     config = strategy(corpus).round_config(g.governance, 30.0)
     assert ROUND_CONFIG_KEYS | {"rules", "params"} == set(config)
-    assert (config["inner_steps"], config["batch"], config["deadline_seconds"]) == (40, 16, 30.0)
+    assert (config["inner_steps"], config["batch"], config["deadline_seconds"], config["overlap"]) == (40, 16, 30.0,
+                                                                                                      False)
     listed = [r for r in g.describe()["rules"] if r["action"] == "round_config" and r["enabled"]]
     assert config["rules"] == listed and len(listed) >= 5
     assert config["params"] == g.describe()["params"]

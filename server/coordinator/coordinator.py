@@ -31,7 +31,7 @@ from server.coordinator.model_state import GlobalModel
 from server.coordinator.open_round import DecidedUpdate, OpenRound
 from server.coordinator.status import status
 from server.coordinator.store import RoundRecord, Store
-from server.coordinator.strategy import RoundStrategy
+from server.coordinator.strategy import RoundStrategy, overlapped
 from server.coordinator.tracker import DEFAULT_PEERS, advise
 from server.corpus import Corpus
 from server.keys import NodeKey
@@ -58,7 +58,7 @@ class Settle:
     round: OpenRound
     accepted: list[DecidedUpdate]  # aggregated or not, in arrival order
     governed: dict  # the governed parameters the round closed with
-    before: GlobalModel  # the model the round trained on (and its updates are scored on)
+    before: GlobalModel  # the model held before the round closed: a failed settle goes back to it
     checkpoint: Checkpoint  # the new model and momentum
     closed_at: float
     bytes_sent: int  # what the coordinator sent while the round was open
@@ -96,7 +96,8 @@ class Coordinator:
         self.finished = False
         self.intake_errors = 0  # settle and commit failures survived (each logged once, with its cause)
         self.changed = asyncio.Event()  # a session came or went, or an update was decided
-        self.open_round: OpenRound | None = None
+        self.open_round: OpenRound | None = None  # the round that collects updates
+        self.next_round: OpenRound | None = None  # with overlapped rounds: the one nodes train while it collects
         # the commit is off the critical path: the next round opens once the new model is published, and the
         # closed round's scores, validation loss and books settle meanwhile (False: each close waits for its settle)
         self.settle_in_background = settle_in_background
@@ -113,8 +114,18 @@ class Coordinator:
 
     @property
     def round(self) -> int:
-        """Completed rounds: the open round's number, or the next one's between a commit and its opening."""
+        """Completed rounds: the collecting round's number, or the next one's between a close and its opening."""
         return self.model.round
+
+    def newest_round(self) -> int:
+        """The newest round open: the one ahead with overlapped rounds, the collecting one, or the next one's number
+        between a close and its opening."""
+        return self.next_round.round if self.next_round is not None else self.model.round
+
+    def model_by_hash(self, model_hash: str) -> GlobalModel | None:
+        """The model held, or one a round in flight trains on, by its hash; None for any other."""
+        rounds = [r.base for r in (self.open_round, self.next_round) if r is not None]
+        return next((m for m in [self.model, *rounds] if m.hash == model_hash), None)
 
     @property
     def model_hash(self) -> str:
@@ -194,7 +205,8 @@ class Coordinator:
         return bool(rnd.accepted) and (not waiting or time.time() >= rnd.deadline)
 
     async def run(self) -> None:
-        """Open, wait for and close rounds until the job's round count is reached (forever when 0)."""
+        """Open, wait for and close rounds until the job's round count is reached (forever when 0). With overlapped
+        rounds the next round is open while this one collects (`next_round`): it collects once this one closed."""
         while not self.finished:
             if self.job.rounds and self.round >= self.job.rounds:
                 await self.settled()
@@ -205,23 +217,12 @@ class Coordinator:
                 self.changed.clear()
                 await self.changed.wait()
             self.intake.expire_pending()
-            now = time.time()
-            rnd = OpenRound(self.round, now, now + self.deadline_seconds, config=self.round_config(),
-                            bytes_sent_before=self.bytes_sent())
-            self.intake.opened(rnd)
-            rnd.advice = advise([s.node_id for s in self.intake.assignable_sessions()], self.peers, rnd.round)
-            self.open_round = rnd
-            turnaround = ""
-            if self._last_update_at is not None:
-                self.turnarounds.append(now - self._last_update_at)
-                turnaround, self._last_update_at = f", {self.turnarounds[-1]:.2f}s after the last update", None
-            # logs count rounds as status does: round N is the one whose commit completes N rounds
-            log.info("round %d open: %d node(s), H=%d, deadline in %.1fs%s", rnd.round + 1,
-                     len(self.intake.assignable_sessions()), rnd.config["inner_steps"], self.deadline_seconds,
-                     turnaround)
-            for s in self.intake.assignable_sessions():
-                await self.intake.assign(s, rnd)
+            rnd = await self._collect()
             await self.intake.replay_deferred(rnd)
+            if overlapped(self.governor.params) and (not self.job.rounds or rnd.round + 1 < self.job.rounds):
+                self.next_round = self._open(rnd.round + 1, 2 * self.deadline_seconds)
+                for s in self.intake.assignable_sessions():
+                    await self.intake.assign(s, self.next_round)
             while not rnd.abandoned and not self._round_complete(rnd):
                 if time.time() >= rnd.deadline and not rnd.accepted:
                     rnd.deadline = time.time() + self.deadline_seconds  # nothing arrived: keep waiting
@@ -240,6 +241,41 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001 - a round's failure must never stop the coordinator
                 await self._abandon_round(rnd, e)
 
+    def _open(self, number: int, deadline_seconds: float) -> OpenRound:
+        """Round `number` on the model held now, with the config in force, its assignments remembered by intake."""
+        now = time.time()
+        rnd = OpenRound(number, now, now + deadline_seconds, dataclasses.replace(self.model),
+                        config=self.round_config(), bytes_sent_before=self.bytes_sent())
+        self.intake.opened(rnd)
+        rnd.advice = advise([s.node_id for s in self.intake.assignable_sessions()], self.peers, rnd.round)
+        return rnd
+
+    async def _collect(self) -> OpenRound:
+        """The round that collects updates now: the overlapped round opened while the last one collected, or a new
+        one, assigned to every node that takes work."""
+        ahead, self.next_round = self.next_round, None
+        now = time.time()
+        if ahead is not None and not ahead.abandoned:
+            rnd = ahead  # its nodes have been training it since the round before it collected
+            rnd.opened_at, rnd.deadline = now, max(rnd.deadline, now + self.deadline_seconds)
+        else:
+            if ahead is not None:  # opened on a model that was taken back
+                await self._tell_abandoned(ahead)
+            rnd = self._open(self.round, self.deadline_seconds)
+        self.open_round = rnd
+        turnaround = ""
+        if self._last_update_at is not None:
+            self.turnarounds.append(now - self._last_update_at)
+            turnaround, self._last_update_at = f", {self.turnarounds[-1]:.2f}s after the last update", None
+        # logs count rounds as status does: round N is the one whose commit completes N rounds
+        log.info("round %d %s: %d node(s), H=%d, deadline in %.1fs%s", rnd.round + 1,
+                 "collects" if rnd is ahead else "open", len(self.intake.assignable_sessions()),
+                 rnd.config["inner_steps"], rnd.deadline - now, turnaround)
+        for s in self.intake.assignable_sessions():
+            if rnd is not ahead or s.node_id not in rnd.assignments:  # (those it was announced to hold it)
+                await self.intake.assign(s, rnd)
+        return rnd
+
     async def _close_round(self, rnd: OpenRound) -> None:
         """The critical path: judge, aggregate, take the outer step and publish the new model, which the next
         round then trains on at once. Its scores, validation loss, checkpoint and books settle in the background
@@ -248,7 +284,7 @@ class Coordinator:
         closed_at = time.time()
         self._last_update_at = max((u.received_at for u in rnd.updates.values()), default=closed_at)
         # copies and spot checks leave before anything is aggregated; all of it off the event loop (seconds at 10M)
-        await asyncio.to_thread(self.judge.judge, rnd, rnd.accepted, self.model, self.governor)
+        await asyncio.to_thread(self.judge.judge, rnd, rnd.accepted, rnd.base, self.governor)
         accepted = rnd.accepted
         governed = dict(self.governor.params)
         values = [a.values for a in accepted]
@@ -362,7 +398,7 @@ class Coordinator:
     def _score_and_save(self, s: Settle):
         """Each accepted update's quality (on the model it was computed on), the new model's validation loss and
         its checkpoint file: (validation loss, checkpoint path, its sha256)."""
-        qualities = self.strategy.qualities(s.before, [a.values for a in s.accepted], s.governed)
+        qualities = self.strategy.qualities(s.round.base, [a.values for a in s.accepted], s.governed)
         for a, quality in zip(s.accepted, qualities):
             a.quality_ppm = quality
         val_loss = self.strategy.evaluate(s.checkpoint.params)
@@ -379,15 +415,18 @@ class Coordinator:
         self.strategy.delta_residual = s.residual_before
         self.blobs.publish(self.model.round, self.model.bytes)
         self.governor = Governor(self.store, self.key, self.job.governed(), None)  # the committed books, reloaded
-        if self.open_round is not None:
-            self.open_round.abandoned = True
-            self.changed.set()
+        for rnd in (self.open_round, self.next_round):  # opened on its model, or numbered after it
+            if rnd is not None:
+                rnd.abandoned = True
+                self.changed.set()
         await self._tell_abandoned(s.round)
 
     async def _abandon_round(self, rnd: OpenRound, error: BaseException | None) -> None:
         """A round whose close failed, or whose model was taken back, is not committed: the books go back to the
         last commit, the nodes are told, and the next round opens on the model held. The coordinator carries on."""
         self.open_round = None
+        if self.next_round is not None:  # numbered after a round that does not commit now: it opens again
+            self.next_round.abandoned = True
         if error is not None:
             self.intake_errors += 1
             if self.model.round > rnd.round:  # it failed after its model was published: it settles or is taken back

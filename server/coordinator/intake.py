@@ -214,8 +214,9 @@ class Intake:
         if c.finished:
             await self.send(session, Bye("job finished"))
             return
-        if c.open_round is not None:
-            await self.assign(session, c.open_round)
+        for rnd in (c.open_round, c.next_round):
+            if rnd is not None:
+                await self.assign(session, rnd)
         c.changed.set()
 
     async def send(self, session: NodeSession, msg: Message) -> bool:
@@ -255,8 +256,9 @@ class Intake:
             # the chunks stay split as the round opened, or finer when fewer nodes were there to seed them then
             slots = max(next(iter(rnd.advice.values())).seed_slots if rnd.advice else 1, len(set(ids)))
             advice = advise_joiner(ids, session.node_id, c.peers, slots, rnd.round)
-        msg = RoundOpen(rnd.round, c.model.hash, c.model_signature(rnd.round, c.model.hash), rnd.config, shard,
-                        rnd.deadline, c.blobs.manifest_of(c.model.hash), c.blobs.delta_of(c.model.hash),
+        model = rnd.base.hash
+        msg = RoundOpen(rnd.round, model, c.model_signature(rnd.round, model), rnd.config, shard,
+                        rnd.deadline, c.blobs.manifest_of(model), c.blobs.delta_of(model),
                         list(advice.peers), advice.seed_slot, advice.seed_slots,
                         self._peer_urls(session.node_id, advice.peers, rnd))
         if await self.send(session, msg):
@@ -300,15 +302,16 @@ class Intake:
         """A node paused, resumed or is finishing. Pausing costs nothing: the round stops waiting for it. A node back
         from a pause that holds no assignment of the open round gets one; one that holds it carries on with it."""
         was, session.mode = session.mode, mode
-        rnd = self.coordinator.open_round
-        if (was == "paused" and mode != "paused" and rnd is not None and not rnd.closing
-                and session.node_id not in rnd.assignments):
-            await self.assign(session, rnd)
-        self.coordinator.changed.set()
+        c = self.coordinator
+        for rnd in (c.open_round, c.next_round):
+            if (was == "paused" and mode != "paused" and rnd is not None and not rnd.closing
+                    and session.node_id not in rnd.assignments):
+                await self.assign(session, rnd)
+        c.changed.set()
 
     async def _send_model(self, session: NodeSession, req: ModelRequest) -> None:
-        model = self.coordinator.model
-        if req.model_hash != model.hash:
+        model = self.coordinator.model_by_hash(req.model_hash)
+        if model is None:
             await self.send(session, UpdateResult(req.round, False, "the requested model is not current", "stale"))
             return
         if session.link is None:
@@ -338,6 +341,9 @@ class Intake:
         key = (node_id, update_round)
         rnd = self.coordinator.open_round
         if rnd is not None and rnd.decided(node_id, update_round):
+            return True
+        ahead = self.coordinator.next_round
+        if ahead is not None and key in ahead.updates:
             return True
         settling = self.coordinator.settling_round  # closed, its decisions not in the store yet
         if settling is not None and key in settling.updates:
@@ -373,13 +379,12 @@ class Intake:
         c = self.coordinator
         if c.finished:
             return "no_round", "the job has finished"
-        # the model's round is the open round's number, or the next one's between a commit and its opening: an
-        # update that arrives then waits for that round (on_payload), like one that arrives while a round closes
-        model = c.model
-        known = {model.round: model.hash, model.round - 1: model.previous_hash}
-        if u.round in known and u.model_hash != known[u.round]:
+        # an update that arrives while its round is not collecting (the round before closes, or still collects)
+        # waits for it (on_payload)
+        assigned = self.assigned.get(u.round)
+        if assigned is not None and u.model_hash != assigned.model_hash:
             return "model_hash", f"update for round {u.round} names another model than that round's"
-        if u.round > model.round:
+        if u.round > c.newest_round():
             return "model_hash", f"round {u.round} has not opened"
         if u.num_values != c.n_params:
             return "shape", f"update has {u.num_values} values, the model has {c.n_params}"
@@ -412,7 +417,7 @@ class Intake:
             await self.send(session, UpdateResult(u.round, False, f"{PENDING_PER_NODE} announced updates are still "
                                                                   "waiting for their bytes", "pending"))
             return
-        weight = 1.0 if u.round == self.coordinator.model.round else STALE_WEIGHT
+        weight = 1.0 if u.round >= self.coordinator.round else STALE_WEIGHT  # (the round collecting, or ahead)
         self.pending[(session.node_id, u.transfer_id)] = PendingUpdate(u, session, weight, time.time())
 
     def expire_pending(self) -> None:
@@ -436,9 +441,10 @@ class Intake:
             return
         c = self.coordinator
         rnd = c.open_round
-        if (rnd is None or rnd.closing) and not c.finished:
+        if (rnd is None or rnd.closing or u.round > rnd.round) and not c.finished:
             # the round is being aggregated (or the next not yet open): the update waits for the next round,
-            # where it counts as a late one; taken now, it would be told "accepted" and never aggregated
+            # where it counts as a late one; taken now, it would be told "accepted" and never aggregated. An
+            # update of an overlapped round that does not collect yet waits for it likewise, and counts in full
             self.deferred.append(DeferredPayload(session, header, data, pending))
             return
         if rnd is None:
@@ -488,7 +494,9 @@ class Intake:
         `decision` where the update rules refused it; a protocol refusal has none)."""
         self.peer_log.warning("round %d: rejected update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule,
                               reason)
-        rnd = self.coordinator.open_round
+        c = self.coordinator
+        ahead = c.next_round is not None and u.round == c.next_round.round
+        rnd = c.next_round if ahead else c.open_round  # a refused update of the round ahead is booked there
         if rnd is not None and not rnd.decided(session.node_id, u.round):
             rnd.add(DecidedUpdate(u, 0.0, f"{rule}: {reason}", u.payload_bytes, decision=decision))
         await self.send(session, UpdateResult(u.round, False, reason, rule))

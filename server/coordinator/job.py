@@ -50,6 +50,9 @@ class JobConfig:
     rounds: int = 0  # 0 = forever
     outer_lr: float = DEFAULT_OUTER_LR
     outer_momentum: float = DEFAULT_OUTER_MOMENTUM
+    # overlapped rounds: round r+1 opens on the model before round r's aggregate, so that nodes start it as soon as
+    # they have sent round r's update; each aggregate then steps the model one round later (a delayed outer step)
+    overlap: bool = False
     aggregator: str = "mean"
     byzantine_fraction: float = 0.25  # the share of updates a robust aggregator is told to tolerate (its f)
     codec: str = "fp32"
@@ -82,7 +85,7 @@ class JobConfig:
         """The governed parameters, under the names governance uses."""
         return {"inner_steps": self.inner_steps, "lr": self.lr, "batch": self.batch,
                 "aggregator": self.aggregator, "deadline_seconds": self.deadline_seconds, "outer_lr": self.outer_lr,
-                "outer_momentum": self.outer_momentum}
+                "outer_momentum": self.outer_momentum, "overlap": self.overlap}
 
 
 RENAMED = {"batch_size": "batch", "round_deadline": "deadline_seconds"}  # old stored name -> the one name now

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.coordinator.governor import UpdateOutcome
+from server.coordinator.model_state import GlobalModel
 from server.coordinator.store import UpdateRecord
 from shared.agent import NodeReport
 from shared.rules import Decision, Verdict
@@ -85,15 +86,20 @@ class Assignments:
 
     opened_at: float
     config: dict
+    model_hash: str  # the model the round trains on: an update for it names this one
     assignments: dict[str, int]  # shared with the OpenRound while it is open
     assigned_at: dict[str, float]
 
 
 @dataclass
 class OpenRound:
+    """A round from its opening to its close. With overlapped rounds it opens (is announced, and nodes train it)
+    while the round before still collects its updates; its own updates wait in intake until it collects."""
+
     round: int
-    opened_at: float
+    opened_at: float  # when it was announced; when it started collecting, for an overlapped round
     deadline: float
+    base: GlobalModel  # the model it trains on, and its updates are judged and scored on (never written to)
     config: dict = field(default_factory=dict)  # the round config sent to nodes
     assignments: dict[str, int] = field(default_factory=dict)  # node id -> shard
     assigned_at: dict[str, float] = field(default_factory=dict)  # node id -> when its assignment was sent
@@ -107,7 +113,7 @@ class OpenRound:
     abandoned: bool = False  # opened on a model that could not be committed: it is not closed, its work not booked
 
     def assigned(self) -> Assignments:
-        return Assignments(self.opened_at, self.config, self.assignments, self.assigned_at)
+        return Assignments(self.opened_at, self.config, self.base.hash, self.assignments, self.assigned_at)
 
     def decided(self, node_id: str, update_round: int) -> bool:
         """Whether this round decided an update of this node for `update_round`: its own round's, or a late one

@@ -46,6 +46,8 @@ def status(coordinator: Coordinator) -> dict:
     if rnd is not None:
         open_round = {"round": rnd.round, "deadline": rnd.deadline, "assigned": len(rnd.assignments),
                       "reported": len(rnd.reported)}
+    ahead = c.next_round  # with overlapped rounds: open and trained while `open_round` collects
+    next_round = None if ahead is None else {"round": ahead.round, "assigned": len(ahead.assignments)}
     return {
         "round": last.round if last is not None else 0,  # committed, as `history` lists them
         "settling": c.settling.checkpoint.round if c.settling is not None else None,  # closed, its books pending
@@ -55,6 +57,7 @@ def status(coordinator: Coordinator) -> dict:
         "manifest": c.blobs.manifest_of(c.model_hash),  # the model's signed manifest, at /api/blobs/{manifest}
         "state": "finished" if c.finished else "training",
         "open_round": open_round,
+        "next_round": next_round,
         "coordinator_id": c.key.node_id,
         "intake": {"pending_payloads": len(intake.pending), "deferred": len(intake.deferred),
                    "errors": c.intake_errors},

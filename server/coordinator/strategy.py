@@ -43,6 +43,11 @@ def outer_nesterov_step(params: torch.Tensor, grad: torch.Tensor, momentum: torc
     return params - lr * (grad + mu * buf), buf
 
 
+def overlapped(governed: Mapping) -> bool:
+    """Whether rounds overlap under these governed parameters (a job stored before `overlap` existed: no)."""
+    return governed.get("overlap", False) is True
+
+
 class RoundStrategy:
     """One job's round policy. The governed parameters in force are passed to each call (votes change them
     between rounds); the job fixes the model, the codec, the weight decay and the share f of updates a robust
@@ -72,7 +77,9 @@ class RoundStrategy:
         p = governance.params
         config = {"inner_steps": int(p["inner_steps"]), "lr": float(p["lr"]), "weight_decay": self.job.weight_decay,
                   "batch": int(p["batch"]), "seq_len": self.cfg.block_size,
-                  "codec": self.codec.to_dict(), "deadline_seconds": deadline_seconds}
+                  "codec": self.codec.to_dict(), "deadline_seconds": deadline_seconds,
+                  # nodes start the next round at once, without waiting for this one's verdict (Coordinator.run)
+                  "overlap": overlapped(p)}
         planning = {"rules": [rule.to_dict() for rule in governance.rules.for_action("round_config")],
                     "params": dict(p)}
         size = len(json.dumps(planning))

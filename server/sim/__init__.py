@@ -101,6 +101,7 @@ class SimOptions:
     verify_share: float = 0.0
     peers: int = DEFAULT_PEERS  # peer links the coordinator (as tracker) advises per worker; 0 = the star
     background_settle: bool = True  # False: each round commits before the next one opens (the old critical path)
+    overlap: bool = False  # overlapped rounds (JobConfig.overlap): each aggregate steps the model a round later
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -196,7 +197,8 @@ class Simulation:
                         batch=options.batch, deadline_seconds=SIM_ROUND_DEADLINE_S, rounds=options.rounds,
                         outer_lr=options.outer_lr, outer_momentum=options.outer_momentum,
                         aggregator=options.aggregator, byzantine_fraction=options.tolerated_fraction,
-                        codec=options.codec, delta_codec=options.delta_codec, seed=options.seed, verify_share=options.verify_share)
+                        codec=options.codec, delta_codec=options.delta_codec, seed=options.seed,
+                        verify_share=options.verify_share, overlap=options.overlap)
         self.coordinator = Coordinator(data_dir, job, corpus, rules_toml=rules, peers=options.peers,
                                        settle_in_background=options.background_settle)
         self._quarantined: set[str] = set()  # node ids the coordinator quarantined, as of the last round's row
@@ -529,7 +531,7 @@ def describe(o: SimOptions) -> str:
     attack = f"{o.attackers} {o.attack} attacker(s)" if o.attackers else "no attackers"
     mesh = f"{o.peers} peer links each" if o.peers else "star (no peer links)"
     return (f"{o.workers} workers, {attack}, {o.aggregator}, {o.codec}, churn {o.churn:g}, H={o.inner_steps}, "
-            f"batch {o.batch}, {mesh}, seed {o.seed}")
+            f"batch {o.batch}, {mesh}, {'overlapped rounds, ' if o.overlap else ''}seed {o.seed}")
 
 
 class ProgressBar:
@@ -564,7 +566,7 @@ class SimulationResult:
     summary: dict
     csv_path: Path | None
     png_path: Path | None
-    uploads: list[dict]  # every update a worker sent: node_id, round, bytes, sha256
+    uploads: list[dict]  # every update a worker sent: node_id, round, bytes, sha256, model_hash (it trained on)
     trainings: list[Training]  # every worker's inner steps, in the order they ran
 
 
@@ -654,6 +656,9 @@ def parser() -> argparse.ArgumentParser:
                    help="peer links the coordinator (as tracker) advises each worker to open: workers fetch model "
                         "chunks from each other first, over in-process links, with the node's own mesh code; 0 is "
                         "the star, every byte from the coordinator (default: %(default)s, as the coordinator's)")
+    p.add_argument("--overlap", action="store_true",
+                   help="overlapped rounds, as the coordinator's option: workers train round r+1 on the model before "
+                        "round r's aggregate, which steps the model one round later")
     p.add_argument("--threads", type=int_at_least(1), default=d.threads,
                    help="torch CPU threads; workers run one after another (default: %(default)s)")
     p.add_argument("--json", action="store_true",
@@ -677,7 +682,7 @@ def main(argv: list[str]) -> int:
                              outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model,
                              seed=args.seed, tolerate=args.tolerate, scale_factor=args.scale_factor, out=args.out,
                              data=args.data, corpus_bytes=args.corpus_bytes, rules=args.rules, threads=args.threads,
-                             verify_share=args.verify_share, peers=args.peers)
+                             verify_share=args.verify_share, peers=args.peers, overlap=args.overlap)
     except SimulationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The commit off the critical path, with real processes: the next round trains while the last one settles, and a
 coordinator killed (SIGKILL) while a round settles leaves a store that verifies and resumes at its last commit, on
 SQLite and on PostgreSQL (the `store_url` fixture). A settle that fails writes its checkpoint, a file, before the
-store is touched: that test runs on SQLite only."""
+store is touched: that test runs on SQLite only, as does the kill with overlapped rounds."""
 
 from __future__ import annotations
 
@@ -51,6 +51,38 @@ def test_the_next_round_trains_while_a_round_settles_and_a_kill_then_resumes_at_
     status = second.wait_for(lambda s: s["round"] >= 2, 300, "two rounds after the restart")
     assert [h["round"] for h in status["history"]][:3] == [0, 1, 2]  # none lost, none repeated
     assert all(h["accepted"] == 1 for h in status["history"][1:3])
+    second.stop()
+    verified = ledger_verify(second)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_with_overlapped_rounds_a_kill_while_a_round_settles_resumes_at_the_last_commit(processes, loopback_namespace,
+                                                                                         tmp_path):
+    data_dir = tmp_path / "data"
+    first = processes.coordinator(*TRAIN_ARGS, "--overlap", data_dir=data_dir,
+                                  env={SETTLE_DELAY_ENV: str(SETTLE_DELAY_S)})
+    first.wait_ready()
+    processes.trainer(first.url)
+    # round 1 settles; round 2 collects (on the initial model, as round 1 did) with the trainer's update decided,
+    # and round 3 is open on round 1's model
+    during = first.wait_for(lambda s: s["settling"] == 1 and (s["open_round"] or {}).get("reported", 0) >= 1, 300,
+                            "an update of round 2 decided while round 1 settles")
+    assert (during["open_round"]["round"], during["next_round"]["round"]) == (1, 2)
+    assert during["round"] == 0 and during["model_hash"] != during["history"][0]["model_hash"]
+    first.kill()
+
+    with first.read_store() as books:
+        (committed,) = books.rounds()
+        assert committed.round == 0 and books.updates() == []
+    verified = ledger_verify(first)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    second = processes.coordinator(*TRAIN_ARGS, "--overlap", data_dir=data_dir, port=first.port)
+    resumed = second.wait_ready()
+    assert (resumed["round"], resumed["model_hash"]) == (0, committed.model_hash)
+    status = second.wait_for(lambda s: s["round"] >= 3, 300, "three rounds after the restart")
+    assert [h["round"] for h in status["history"]][:4] == [0, 1, 2, 3]  # none lost, none repeated
+    assert all(h["accepted"] == 1 for h in status["history"][1:4])
     second.stop()
     verified = ledger_verify(second)
     assert verified.returncode == 0, verified.stdout + verified.stderr
