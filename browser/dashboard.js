@@ -91,8 +91,10 @@ function renderJob(s) {
   const state = document.getElementById("job-state");
   state.replaceChildren(badge(s.state));
   if (s.open_round) {
+    // with overlapped rounds the next round is open too, and trained, while this one collects its updates
+    const ahead = s.next_round ? `; round ${s.next_round.round} open ahead (overlapped rounds)` : "";
     setText("job-open", `round ${s.open_round.round}: ${s.open_round.reported} of ${s.open_round.assigned} ` +
-      "assigned node(s) reported");
+      `assigned node(s) reported${ahead}`);
     const left = s.open_round.deadline - Date.now() / 1000;
     setText("job-deadline", `${left > 0 ? `in ${left.toFixed(0)} s` : "passed"} ` +
       `(${job.deadline_seconds.toFixed(1)} s per round)`);

@@ -287,7 +287,8 @@ def format_status(s: dict) -> str:
     job = s["job"]
     loss = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
     lines = [f"job: model {job['model']} ({job['params']:,} parameters), H={job['inner_steps']}, "
-             f"aggregator {job['aggregator']}, codec {job['codec']}",
+             f"aggregator {job['aggregator']}, codec {job['codec']}"
+             f"{', overlapped rounds' if job.get('overlap') else ''}",
              f"state: {s['state']}, {s['round']} round(s) completed, validation loss {loss}", "",
              f"{'round':>5}  {'val_loss':>9}  {'accepted':>8}  {'rejected':>8}  {'tokens':>10}"]
     for h in s["history"]:

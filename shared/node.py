@@ -244,8 +244,8 @@ class NodePort:
         """Progress for the user: events "state", "round", "model" (how the round's model arrived: source "delta",
         "blobs" or "link", its hash, and the bytes that came from peers and from the coordinator; for blobs, also
         from_peers_direct: of the bytes from peers, those fetched from their blob URLs), "uploaded" (with the hash
-        of the model the update was computed on), "update", "round_closed", "receipt", "notice", "finished", "fatal", and "mode" (pause, resume, finish: `mode`
-        is "paused", "active" or "finishing")."""
+        of the model the update was computed on), "update", "round_closed", "receipt", "notice", "finished",
+        "fatal", and "mode" (pause, resume, finish: `mode` is "paused", "active" or "finishing")."""
 
 
 class Node:

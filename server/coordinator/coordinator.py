@@ -149,6 +149,7 @@ class Coordinator:
                 "inner_steps": int(p["inner_steps"]), "batch": int(p["batch"]), "lr": float(p["lr"]),
                 "aggregator": p["aggregator"], "codec": compress.format_codec(self.codec),
                 "delta_codec": compress.format_codec(self.strategy.delta_codec), "rounds": self.job.rounds,
+                "overlap": overlapped(p),
                 "deadline_seconds": self.deadline_seconds,
                 # what a node needs to train it (a browser checks largest_buffer_bytes against its WebGPU limits)
                 "memory": training_memory(self.cfg, int(p["batch"])).to_dict(),
@@ -257,7 +258,7 @@ class Coordinator:
         now = time.time()
         if ahead is not None and not ahead.abandoned:
             rnd = ahead  # its nodes have been training it since the round before it collected
-            rnd.opened_at, rnd.deadline = now, max(rnd.deadline, now + self.deadline_seconds)
+            rnd.opened_at, rnd.deadline = now, now + self.deadline_seconds
         else:
             if ahead is not None:  # opened on a model that was taken back
                 await self._tell_abandoned(ahead)

@@ -103,12 +103,14 @@ class PendingUpdate:
 
 @dataclass
 class DeferredPayload:
-    """An update whose bytes arrived while a round closed: decided in the next round, as a late one."""
+    """An update whose bytes arrived while a round closed (decided in the next round, as a late one), or before its
+    overlapped round collects (decided when it does)."""
 
     session: NodeSession
     header: PayloadHeader
     data: bytes
     pending: PendingUpdate
+    arrived_at: float = field(default_factory=time.time)  # what its record keeps as received_at
 
 
 def new_nonce() -> str:
@@ -429,7 +431,9 @@ class Intake:
                 log.info("dropped the update of %s for round %d: its payload did not arrive in time",
                          key[0][:12], pending.update.round + 1)
 
-    async def on_payload(self, session: NodeSession, header: PayloadHeader, data: bytes) -> None:
+    async def on_payload(self, session: NodeSession, header: PayloadHeader, data: bytes,
+                         arrived_at: float | None = None) -> None:
+        """An update's bytes (`arrived_at`: when they came, for one that waited in `deferred`)."""
         if not self.heard(session):
             return
         pending = self.pending.pop((session.node_id, header.transfer_id), None)
@@ -445,7 +449,7 @@ class Intake:
             # the round is being aggregated (or the next not yet open): the update waits for the next round,
             # where it counts as a late one; taken now, it would be told "accepted" and never aggregated. An
             # update of an overlapped round that does not collect yet waits for it likewise, and counts in full
-            self.deferred.append(DeferredPayload(session, header, data, pending))
+            self.deferred.append(DeferredPayload(session, header, data, pending, arrived_at or time.time()))
             return
         if rnd is None:
             await self.reject(session, u, "no_round", "the job has finished")
@@ -464,7 +468,7 @@ class Intake:
         if not decision.allowed:
             await self.reject(session, u, ",".join(decision.blocked_by), "; ".join(decision.reasons), decision)
             return
-        received = time.time()
+        received = arrived_at or time.time()
         rnd.add(DecidedUpdate(u, pending.weight, "", len(data), values, decision,
                               self._report(rnd, u, received), received_at=received))
         rnd.bytes_received += len(data)
@@ -512,7 +516,7 @@ class Intake:
                 continue
             weight = 1.0 if d.pending.update.round == rnd.round else STALE_WEIGHT
             self.pending[(d.session.node_id, d.header.transfer_id)] = replace(d.pending, weight=weight)
-            await self.on_payload(d.session, d.header, d.data)
+            await self.on_payload(d.session, d.header, d.data, d.arrived_at)
 
     async def refuse_deferred(self) -> None:
         """The job finished: the updates that waited for a next round are refused."""
