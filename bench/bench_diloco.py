@@ -5,14 +5,17 @@ Never let the two methods see different data or count bytes from settings: data 
 the very batches the simulated workers trained on, and the bytes are what the workers' nodes uploaded.
 
 usage: python -m bench.bench_diloco [--workers 4] [--inner-steps 50] [--rounds 6] [--batch 16] [--lr 3e-3]
-       [--outer-lr L] [--outer-momentum M] [--model tiny] [--codec fp32 --codec int8 ...] [--seed 0] [--threads 1]
+       [--outer-lr L] [--outer-momentum M] [--model tiny] [--codec fp32 --codec int8 ...] [--overlap] [--seed 0]
+       [--threads 1]
 
 Each codec is one `server.sim.run_simulation` job: the real coordinator (aggregation, outer Nesterov step, int8
 deltas down, validation), and workers running the real node (a fresh AdamW for H steps, the codec with error
 feedback, the signed upload). Data parallel is one AdamW step per inner step on the union of the workers' batches
 of that step (the mean of their gradients), from the same initial parameters, scored on the coordinator's
-validation batches. Its bytes are one fp32 gradient per worker and inner step. Everything runs on the CPU, where
-a seed and a thread count give the same numbers every time.
+validation batches. Its bytes are one fp32 gradient per worker and inner step. With --overlap each codec is also run
+with overlapped rounds (the job's `overlap`: round r+1 trains on the model before round r's aggregate, which steps
+the model a round late), on the same batches. Everything runs on the CPU, where a seed and a thread count give the
+same numbers every time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +44,22 @@ CORPUS_BYTES = 3_000_000
 
 class BenchError(RuntimeError):
     """The runs cannot be compared: the codecs' jobs trained on different batches."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One simulator job of the bench: a codec, with or without overlapped rounds."""
+
+    codec: str
+    overlap: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.codec}, overlapped" if self.overlap else self.codec
+
+    @property
+    def column(self) -> str:  # the per-round table's header
+        return f"{self.codec}+overlap" if self.overlap else self.codec
 
 
 def same_batches(a: list[Training], b: list[Training]) -> bool:
@@ -94,6 +114,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny")
     p.add_argument("--codec", type=codec_option, action="append", metavar="CODEC",
                    help=CODEC_HELP + f"; repeat for several (default: {' '.join(DEFAULT_CODECS)})")
+    p.add_argument("--overlap", action="store_true",
+                   help="also run each codec with overlapped rounds (the coordinator's --overlap), one more job each")
     p.add_argument("--corpus-bytes", type=int_at_least(65_536), default=CORPUS_BYTES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(1), default=1, help="torch CPU threads")
@@ -103,22 +125,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     codecs = args.codec or DEFAULT_CODECS
+    jobs = [Job(c) for c in codecs] + ([Job(c, overlap=True) for c in codecs] if args.overlap else [])
     logging.getLogger("swarmgrad").setLevel(logging.ERROR)
     torch.use_deterministic_algorithms(True)
     base = dict(workers=args.workers, inner_steps=args.inner_steps, rounds=args.rounds, batch=args.batch, lr=args.lr,
                 outer_lr=args.outer_lr, outer_momentum=args.outer_momentum, model=args.model, seed=args.seed,
                 corpus_bytes=args.corpus_bytes, threads=args.threads, out=None)
     started = time.perf_counter()
-    runs: dict[str, SimulationResult] = {}
-    for codec in codecs:
-        runs[codec] = run_simulation(SimOptions(**base, codec=codec))
-        first = runs[codecs[0]]
-        if not same_batches(first.trainings, runs[codec].trainings):
-            raise BenchError(f"the {codec} job trained on other batches than the {codecs[0]} job; no fair baseline")
+    runs: dict[Job, SimulationResult] = {}
+    for job in jobs:
+        runs[job] = run_simulation(SimOptions(**base, codec=job.codec, overlap=job.overlap))
+        if not same_batches(runs[jobs[0]].trainings, runs[job].trainings):
+            raise BenchError(f"the {job.label} job trained on other batches than the {jobs[0].label} job; "
+                             "no fair baseline")
     options = SimOptions(**base)
     torch.set_num_threads(args.threads)
-    ddp = run_data_parallel(runs[codecs[0]].trainings, load_corpus(None, args.corpus_bytes), options)
-    s0 = runs[codecs[0]].summary
+    ddp = run_data_parallel(runs[jobs[0]].trainings, load_corpus(None, args.corpus_bytes), options)
+    s0 = runs[jobs[0]].summary
     if ddp["tokens"] != s0["tokens_trained"] or abs(ddp["bytes_per_token"] - s0["ddp_bytes_per_token"]) > 1e-9:
         raise BenchError(f"data parallel counted {ddp['tokens']} tokens and {ddp['bytes_per_token']} bytes per token; "
                          f"the simulator {s0['tokens_trained']} and {s0['ddp_bytes_per_token']}")
@@ -128,20 +151,28 @@ def main(argv: list[str] | None = None) -> None:
           f"Nesterov lr {args.outer_lr:g} momentum {args.outer_momentum:g}, int8 deltas down, seed {args.seed}")
     print(f"both methods: {ddp['tokens']:,} training tokens, the same windows; initial validation loss "
           f"{ddp['val_loss'][0]:.4f}\n")
-    print(f"{'round':>5} {'data parallel':>14}" + "".join(f"{c:>14}" for c in codecs))
+    widths = [max(14, len(job.column) + 2) for job in jobs]
+    print(f"{'round':>5} {'data parallel':>14}" + "".join(f"{job.column:>{w}}" for job, w in zip(jobs, widths)))
     for r, loss in enumerate(ddp["val_loss"]):
-        print(f"{r:>5} {loss:>14.4f}" + "".join(f"{runs[c].rows[r]['val_loss']:>14.4f}" for c in codecs))
+        print(f"{r:>5} {loss:>14.4f}" + "".join(f"{runs[job].rows[r]['val_loss']:>{w}.4f}"
+                                                 for job, w in zip(jobs, widths)))
     print()
     print("| codec | final val loss | x data parallel | update bytes/token | x fewer than fp32 DDP "
           "| model bytes down/token |")
     print("|---|---|---|---|---|---|")
     print(f"| data parallel (fp32) | {ddp['val_loss'][-1]:.4f} | 1.000 | {ddp['bytes_per_token']:,.1f} | 1.0 "
           f"| {ddp['bytes_per_token']:,.1f} |")
-    for codec in codecs:
-        s = runs[codec].summary
+    for job in jobs:
+        s = runs[job].summary
         down = (s["model_bytes_from_peers"] + s["model_bytes_from_coordinator"]) / s["tokens_trained"]
-        print(f"| DiLoCo {codec} | {s['final_val_loss']:.4f} | {s['final_val_loss'] / ddp['val_loss'][-1]:.3f} "
+        print(f"| DiLoCo {job.label} | {s['final_val_loss']:.4f} | {s['final_val_loss'] / ddp['val_loss'][-1]:.3f} "
               f"| {s['bytes_per_token']:,.2f} | {ddp['bytes_per_token'] / s['bytes_per_token']:,.1f} | {down:,.2f} |")
+    if args.overlap:
+        print("\noverlapped rounds against the same codec without them (final val loss, update bytes/token):")
+        for codec in codecs:
+            on, off = runs[Job(codec, overlap=True)].summary, runs[Job(codec)].summary
+            print(f"  {codec}: x{on['final_val_loss'] / off['final_val_loss']:.3f} loss, "
+                  f"x{on['bytes_per_token'] / off['bytes_per_token']:.3f} bytes")
     print(f"\n(update bytes: what the workers' nodes uploaded; down: every model byte the workers fetched, the first "
           f"round's snapshot included; data parallel's, one fp32 gradient per worker and step each way)\n"
           f"{time.perf_counter() - started:.0f}s in all")

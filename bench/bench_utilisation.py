@@ -1,7 +1,8 @@
 """Utilisation over a WAN-like link: a coordinator and two trainers (real processes), the trainers reaching the
 coordinator through a relay that delays every byte by half the round trip each way, on a loopback shaped with
-`tc ... tbf` to a rate; against the same job on the bare loopback, in the same run. Reports each node's utilisation
-as the coordinator shows it (/api/status nodes[].utilisation: training time over wall time, its last rounds).
+`tc ... tbf` to a rate; against the same job on the bare loopback, in the same run; each link once without and once
+with overlapped rounds (the coordinator's --overlap). Reports each node's utilisation as the coordinator shows it
+(/api/status nodes[].utilisation: training time over wall time, its last rounds).
 
 Never assert a target here; this prints what a run measured.
 
@@ -31,6 +32,7 @@ from tests.conftest import Coordinator, Process, free_port, only_loopback_interf
 
 RELAY_CHUNK = 65_536  # bytes read at a time by the relay
 JOB_TIMEOUT_S = 3600.0
+RELAY_CLOSE_S = 5.0  # how long the relay's pipes get to end, beyond the delay, once it is told to stop
 
 
 class DelayRelay:
@@ -42,6 +44,7 @@ class DelayRelay:
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.writers: set[asyncio.StreamWriter] = set()  # both ends of every link open through the relay
 
     def __enter__(self) -> DelayRelay:
         self.thread.start()
@@ -58,8 +61,14 @@ class DelayRelay:
         self.ready.set()
         try:
             self.loop.run_forever()
-        finally:
+        finally:  # close the links still open (the trainers'): each pipe then reads its end and stops
             server.close()
+            for writer in self.writers:
+                writer.close()
+            pipes = asyncio.all_tasks(self.loop)
+            if pipes:
+                self.loop.run_until_complete(asyncio.wait(pipes, timeout=self.delay + RELAY_CLOSE_S))
+            self.loop.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -67,7 +76,11 @@ class DelayRelay:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        self.writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+        finally:
+            self.writers -= {writer, up_writer}
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue = asyncio.Queue()
@@ -99,12 +112,13 @@ def shape_loopback(rate_mbit: float | None) -> None:
                         "latency", "200ms"], check=True)
 
 
-def run_job(args: argparse.Namespace, logs: Path, wan: bool) -> list[float]:
+def run_job(args: argparse.Namespace, logs: Path, wan: bool, overlap: bool) -> list[float]:
     """One job of `args.rounds` rounds with two trainers; each node's utilisation at its end."""
     shape_loopback(args.rate_mbit if wan else None)
-    coordinator = Coordinator(logs, logs / f"data-{'wan' if wan else 'lo'}", "--inner-steps", str(args.inner_steps),
+    name = f"{'wan' if wan else 'lo'}{'-overlap' if overlap else ''}"
+    coordinator = Coordinator(logs, logs / f"data-{name}", "--inner-steps", str(args.inner_steps),
                               "--batch", str(args.batch), "--rounds", str(args.rounds), "--verify-share", "0",
-                              "--deadline-seconds", "600")
+                              "--deadline-seconds", "600", *(["--overlap"] if overlap else []))
     trainers: list[Process] = []
     try:
         coordinator.wait_ready(180)
@@ -112,7 +126,7 @@ def run_job(args: argparse.Namespace, logs: Path, wan: bool) -> list[float]:
             for i in range(2):
                 trainers.append(Process(["-m", "server", "trainer", "--coordinator", f"http://127.0.0.1:{relay.port}",
                                          "--transport", "websocket", "--no-progress"],
-                                        logs / f"trainer-{'wan' if wan else 'lo'}-{i}.log"))
+                                        logs / f"trainer-{name}-{i}.log"))
             status = coordinator.wait_for(lambda s: s["state"] == "finished", JOB_TIMEOUT_S, "the job's rounds")
     finally:
         for p in trainers + [coordinator]:
@@ -138,15 +152,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swarmgrad-util-") as tmp:
         logs = args.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        bare = run_job(args, logs, wan=False)
-        wan = run_job(args, logs, wan=True)
+        # each link's two jobs back to back, so that the load of the machine is alike for both
+        measured = {(wan, overlap): run_job(args, logs, wan, overlap)
+                    for wan in (False, True) for overlap in (False, True)}
     print(f"H={args.inner_steps}, {args.rounds} rounds, 2 trainers; utilisation = training time / wall time, "
           "each node's last rounds")
-    print(f"{'link':>32} {'nodes':>14} {'mean':>6}")
-    print(f"{'loopback':>32} {' '.join(f'{u:.3f}' for u in bare):>14} {statistics.mean(bare):>6.3f}")
-    label = f"{args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT"
-    print(f"{label:>32} {' '.join(f'{u:.3f}' for u in wan):>14} {statistics.mean(wan):>6.3f}")
-    print(f"ratio (WAN / loopback): {statistics.mean(wan) / statistics.mean(bare):.3f}")
+    print(f"{'link':>32} {'overlap':>7} {'nodes':>14} {'mean':>6}")
+    links = {False: "loopback", True: f"{args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT"}
+    mean = {key: statistics.mean(u) for key, u in measured.items()}
+    for (wan, overlap), u in measured.items():
+        print(f"{links[wan]:>32} {'on' if overlap else 'off':>7} {' '.join(f'{x:.3f}' for x in u):>14} "
+              f"{mean[wan, overlap]:>6.3f}")
+    for wan in (False, True):
+        print(f"ratio (overlap on / off), {links[wan]}: {mean[wan, True] / mean[wan, False]:.3f}")
+    for overlap in (False, True):
+        print(f"ratio (WAN / loopback), overlap {'on' if overlap else 'off'}: "
+              f"{mean[True, overlap] / mean[False, overlap]:.3f}")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ def test_a_round_decides_one_update_per_node_for_itself_and_one_late_one():
     rnd.add(DecidedUpdate(update(node, 4), 0.5, "", 16, np.ones(4, np.float32), ALLOWED))
     assert rnd.decided(node, 4) and rnd.decided(node, 3)  # one late update a round, whichever round it was for
     assert not rnd.decided(node, 5) and not rnd.decided(other, 4)
+    assert not rnd.decided(node, 6)  # an update for the round ahead (overlapped rounds) is never a late one
     blocked = Decision("update", (Verdict("norm-bound", False, "too large", False),))
     rnd.add(DecidedUpdate(update(node, 5), 0.0, "norm-bound: too large", 16, decision=blocked))
     assert rnd.decided(node, 5) and rnd.reported == {node}

@@ -222,14 +222,15 @@ def test_overlapped_rounds_train_on_the_model_one_round_behind_and_learn():
             models.setdefault(u["round"], set()).add(u["model_hash"])
         return models
 
-    # without overlap, round r trains on the model after r rounds; with it, on the model after r - 1 (rounds 0 and
-    # 1 both on the initial one), and each aggregate steps the model a round later
+    # without overlap, round r trains on the model after r rounds; with it, the job's first round runs alone and
+    # round r > 1 trains on the model after r - 1 (rounds 1 and 2 both on the one after round 0): each aggregate
+    # from round 2 on steps the model a round later
     assert trained_on(plain) == {r: {plain.rows[r]["model_hash"]} for r in range(4)}
-    assert trained_on(overlapped) == {r: {overlapped.rows[max(0, r - 1)]["model_hash"]} for r in range(4)}
-    # round 0's updates are the same work in both runs, so its aggregate makes the same model, to the bit; from
+    assert trained_on(overlapped) == {r: {overlapped.rows[max(min(r, 1), r - 1)]["model_hash"]} for r in range(4)}
+    # rounds 0 and 1 are the same work in both runs, so their aggregates make the same models, to the bit; from
     # there the delayed step leads elsewhere
-    assert overlapped.rows[1]["model_hash"] == plain.rows[1]["model_hash"]
-    assert overlapped.rows[2]["model_hash"] != plain.rows[2]["model_hash"]
+    assert [r["model_hash"] for r in overlapped.rows[:3]] == [r["model_hash"] for r in plain.rows[:3]]
+    assert overlapped.rows[3]["model_hash"] != plain.rows[3]["model_hash"]
     assert overlapped.summary["accepted"] == 3 * 4 and overlapped.summary["rejected"] == 0
     assert overlapped.summary["tokens_trained"] == plain.summary["tokens_trained"]
     assert overlapped.summary["final_val_loss"] < 0.75 * overlapped.summary["initial_val_loss"]

@@ -109,6 +109,20 @@ def test_the_outer_step_returns_new_arrays_and_leaves_the_held_model_alone(corpu
     assert np.array_equal(model.params, np.ones(4, np.float32))
 
 
+def test_a_stale_outer_step_lowers_its_momentum_by_what_the_delay_adds(corpus):
+    # an overlapped round's aggregate steps a model one step newer than the one it was computed on: the delay acts
+    # as a momentum of 1/2 of its own, so the default 0.5 drops to 0 (0.9 to 0.4)
+    params, previous = np.ones(4, np.float32), np.full(4, 0.25, np.float32)
+    model = GlobalModel(2, params, previous, model_hash(params))
+    grad = np.full(4, 0.5, np.float32)
+    fresh = strategy(corpus).outer_step(model, grad, {"outer_lr": 1.0, "outer_momentum": 0.5})
+    stale = strategy(corpus).outer_step(model, grad, {"outer_lr": 1.0, "outer_momentum": 0.5}, staleness=1)
+    older = strategy(corpus).outer_step(model, grad, {"outer_lr": 1.0, "outer_momentum": 0.9}, staleness=1)
+    assert np.allclose(fresh[1], 0.5 * 0.25 + 0.5) and np.allclose(fresh[0], 1.0 - (0.5 + 0.5 * fresh[1]))
+    assert np.allclose(stale[1], 0.5) and np.allclose(stale[0], 1.0 - 0.5)  # plain SGD on the aggregate
+    assert np.allclose(older[1], 0.4 * 0.25 + 0.5) and np.allclose(older[0], 1.0 - (0.5 + 0.4 * older[1]))
+
+
 def test_the_model_bytes_are_made_once_and_follow_the_model():
     first = np.arange(3, dtype=np.float32)
     model = GlobalModel.from_checkpoint(Checkpoint(0, first, None), None)

@@ -220,8 +220,12 @@ class Coordinator:
             self.intake.expire_pending()
             rnd = await self._collect()
             await self.intake.replay_deferred(rnd)
-            if overlapped(self.governor.params) and (not self.job.rounds or rnd.round + 1 < self.job.rounds):
-                self.next_round = self._open(rnd.round + 1, 2 * self.deadline_seconds)
+            # with overlap the round ahead opens now, on the newest model; but never beside the job's first round:
+            # both would train on the initial model, and the first pseudo-gradient, by far the largest of the run,
+            # would be taken twice (bench/README.md, "Overlapped rounds")
+            ahead = rnd.round + 1
+            if overlapped(self.governor.params) and rnd.round > 0 and (not self.job.rounds or ahead < self.job.rounds):
+                self.next_round = self._open(ahead, 2 * self.deadline_seconds)
                 for s in self.intake.assignable_sessions():
                     await self.intake.assign(s, self.next_round)
             while not rnd.abandoned and not self._round_complete(rnd):
@@ -291,7 +295,10 @@ class Coordinator:
         values = [a.values for a in accepted]
         grad, discarded = await asyncio.to_thread(self.strategy.aggregate, rnd.round, values,
                                                   [a.weight for a in accepted], governed)
-        params, momentum, payload, residual = await asyncio.to_thread(self._step, grad, governed)
+        # an overlapped round's updates were computed on the model before the one they step (the first round that
+        # collects after a start is not stale)
+        staleness = self.model.round - rnd.base.round
+        params, momentum, payload, residual = await asyncio.to_thread(self._step, grad, governed, staleness)
         for i, a in enumerate(accepted):
             a.aggregated = i not in discarded
         new_round = rnd.round + 1
@@ -324,10 +331,10 @@ class Coordinator:
         else:
             await self._settle(settle)
 
-    def _step(self, grad: np.ndarray | None, governed: dict):
+    def _step(self, grad: np.ndarray | None, governed: dict, staleness: int):
         """The outer step and its delta as nodes will apply it, in a worker thread: (the parameters every node
         will hold, the momentum, the encoded delta, its residual)."""
-        params, momentum = self.strategy.outer_step(self.model, grad, governed)
+        params, momentum = self.strategy.outer_step(self.model, grad, governed, staleness)
         params, payload, residual = self.strategy.delta(self.model, params)  # what every node will hold
         return params, momentum, payload, residual
 
@@ -416,10 +423,11 @@ class Coordinator:
         self.strategy.delta_residual = s.residual_before
         self.blobs.publish(self.model.round, self.model.bytes)
         self.governor = Governor(self.store, self.key, self.job.governed(), None)  # the committed books, reloaded
-        for rnd in (self.open_round, self.next_round):  # opened on its model, or numbered after it
-            if rnd is not None:
-                rnd.abandoned = True
-                self.changed.set()
+        in_flight = [r for r in (self.open_round, self.next_round) if r is not None]  # on its model, or after it
+        for rnd in in_flight:
+            rnd.abandoned = True
+            self.changed.set()
+        await self.intake.forget([r.round for r in in_flight])
         await self._tell_abandoned(s.round)
 
     async def _abandon_round(self, rnd: OpenRound, error: BaseException | None) -> None:
@@ -428,6 +436,7 @@ class Coordinator:
         self.open_round = None
         if self.next_round is not None:  # numbered after a round that does not commit now: it opens again
             self.next_round.abandoned = True
+            await self.intake.forget([self.next_round.round])
         if error is not None:
             self.intake_errors += 1
             if self.model.round > rnd.round:  # it failed after its model was published: it settles or is taken back

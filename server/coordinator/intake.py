@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmgrad.coordinator")
 
+# early refusals of work for no assignment in force: answered, never recorded (Intake.refuse)
+UNASSIGNED_RULES = ("model_hash", "not_assigned")
 STALE_WEIGHT = 0.5  # an update computed on the previous round's model counts once, at this weight
 PAYLOAD_SLACK = 1.25  # what a node may send us at most, relative to one fp32 model
 # an announced update whose payload has not arrived after this long (plus the time its bytes need at a slow
@@ -411,6 +413,9 @@ class Intake:
                                                                   "was already received", "replay"))
             return
         rejection = self._early_rejection(session, u)
+        if rejection is not None and rejection[0] in UNASSIGNED_RULES:
+            await self.refuse(session, u, *rejection)
+            return
         if rejection is not None:
             await self.reject(session, u, *rejection)
             return
@@ -492,6 +497,25 @@ class Intake:
         return NodeReport(u.node_id, u.inner_steps, batch, seconds, max(0.0, received - rnd.opened_at - seconds),
                           received <= rnd.deadline)
 
+    async def refuse(self, session: NodeSession, u: Update, rule: str, reason: str) -> None:
+        """Refuse an update for no assignment in force, and record nothing: such work is no decision about the
+        node's round (it may be for a round abandoned and opened again, whose new assignment the node then
+        trains), so it must not stand in the way of the node's update for that round."""
+        self.peer_log.warning("round %d: refused update from %s: [%s] %s", u.round + 1, session.node_id[:12], rule,
+                              reason)
+        await self.send(session, UpdateResult(u.round, False, reason, rule))
+
+    async def forget(self, rounds: list[int]) -> None:
+        """Rounds abandoned before they closed: their assignments are forgotten (an update for one is refused until
+        it opens again), and the updates for them that wait in `deferred` are refused now."""
+        for r in rounds:
+            self.assigned.pop(r, None)
+        waiting = [d for d in self.deferred if d.pending.update.round in rounds]
+        self.deferred = [d for d in self.deferred if d.pending.update.round not in rounds]
+        for d in waiting:
+            await self.refuse(d.session, d.pending.update, "round_abandoned", f"round {d.pending.update.round + 1} "
+                              "was abandoned; it opens again on the model held")
+
     async def reject(self, session: NodeSession, u: Update, rule: str, reason: str,
                      decision: Decision | None = None) -> None:
         """Refuse an update: the node is told why, and the open round records it once (booked by the rules'
@@ -509,10 +533,16 @@ class Intake:
     # -- between rounds -----------------------------------------------------------------------------------
 
     async def replay_deferred(self, rnd: OpenRound) -> None:
-        """Decide the updates that arrived while the last round closed, in the round now open."""
+        """Decide the updates that arrived while the last round closed, and those of an overlapped round that
+        collects now, in the round now open (an update for a round still ahead waits on)."""
         deferred, self.deferred = self.deferred, []
         for d in deferred:
             if d.session.state == "left":
+                continue
+            u, assigned = d.pending.update, self.assigned.get(d.pending.update.round)
+            if assigned is None or u.model_hash != assigned.model_hash:  # (checked on arrival, against then)
+                await self.refuse(d.session, u, "model_hash", f"round {u.round + 1} was abandoned and opened again on "
+                                                              "another model while the update waited")
                 continue
             weight = 1.0 if d.pending.update.round == rnd.round else STALE_WEIGHT
             self.pending[(d.session.node_id, d.header.transfer_id)] = replace(d.pending, weight=weight)

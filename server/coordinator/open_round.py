@@ -117,10 +117,11 @@ class OpenRound:
 
     def decided(self, node_id: str, update_round: int) -> bool:
         """Whether this round decided an update of this node for `update_round`: its own round's, or a late one
-        (a node gets one late decision a round, whichever earlier round its update was for)."""
-        if update_round == self.round:
+        (a node gets one late decision a round, whichever earlier round its update was for). An update for a round
+        ahead (overlapped rounds) is that round's, never a late one."""
+        if update_round >= self.round:
             return (node_id, update_round) in self.updates
-        return any(n == node_id and r != self.round for n, r in self.updates)
+        return any(n == node_id and r < self.round for n, r in self.updates)
 
     def add(self, entry: DecidedUpdate) -> None:
         self.updates[entry.key] = entry

@@ -143,16 +143,23 @@ class RoundStrategy:
         losses = [torch.func.functional_call(self._model, views, (x, y))[1].item() for x, y in self._quality_batch]
         return float(sum(losses) / len(losses))
 
-    def outer_step(self, model: GlobalModel, grad: np.ndarray | None,
-                   governed: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    def outer_step(self, model: GlobalModel, grad: np.ndarray | None, governed: Mapping,
+                   staleness: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """The parameters and momentum after one outer Nesterov step on the aggregate `grad`, as new arrays. With
-        no aggregate (every update was judged a copy or a fake) they stay as they are."""
+        no aggregate (every update was judged a copy or a fake) they stay as they are.
+
+        `staleness`: how many outer steps `model` took since the model `grad` was computed on (1 for an
+        overlapped round, 0 otherwise). A delay of s steps acts as a momentum of s / (1 + s) of its own
+        ("Asynchrony begets momentum", Mitliagkas et al., 2016), so the step's momentum is lowered by that much (to
+        0 from the default 0.5): with both, the delayed steps overshoot and the loss bounces (bench/README.md,
+        "Overlapped rounds", measured this against dividing the learning rate by 1 + s)."""
         params, momentum = model.tensor(), model.momentum_tensor()
         if grad is None:
             return params.numpy().copy(), np.zeros_like(model.params) if momentum is None else momentum.numpy().copy()
         g = torch.from_numpy(np.ascontiguousarray(grad, np.float32))
-        new_params, new_momentum = outer_nesterov_step(params, g, momentum, float(governed["outer_lr"]),
-                                                       float(governed["outer_momentum"]))
+        stale = max(0, staleness)
+        mu = max(0.0, float(governed["outer_momentum"]) - stale / (1 + stale))
+        new_params, new_momentum = outer_nesterov_step(params, g, momentum, float(governed["outer_lr"]), mu)
         return new_params.numpy(), new_momentum.numpy()
 
     def delta(self, model: GlobalModel, params: np.ndarray) -> tuple[np.ndarray, bytes, torch.Tensor]:

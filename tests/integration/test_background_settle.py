@@ -63,8 +63,8 @@ def test_with_overlapped_rounds_a_kill_while_a_round_settles_resumes_at_the_last
                                   env={SETTLE_DELAY_ENV: str(SETTLE_DELAY_S)})
     first.wait_ready()
     processes.trainer(first.url)
-    # round 1 settles; round 2 collects (on the initial model, as round 1 did) with the trainer's update decided,
-    # and round 3 is open on round 1's model
+    # round 1 (the job's first, which runs alone) settles; round 2 collects on its model with the trainer's update
+    # decided, and round 3 is open on the same model
     during = first.wait_for(lambda s: s["settling"] == 1 and (s["open_round"] or {}).get("reported", 0) >= 1, 300,
                             "an update of round 2 decided while round 1 settles")
     assert (during["open_round"]["round"], during["next_round"]["round"]) == (1, 2)
