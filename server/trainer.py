@@ -136,6 +136,8 @@ class TorchPort(ClientLinks):
             log.info("blob %s… not fetched: %s", name[:12], e)
             return None
 
+    prefetches = True  # new arrays for every model, and training runs in a worker thread
+
     def load_model(self, model_hash: str, data: bytes) -> np.ndarray:
         return np.frombuffer(data, "<f4").astype(np.float32)
 

@@ -135,6 +135,10 @@ class NodePort:
     name = ""  # the display name its owner chose, signed in its Hello (shared.wire.check_display_name); "" for none
     team = ""  # the team it counts for on the leaderboard, likewise
     transient: tuple[type[BaseException], ...] = (OSError,)
+    # with overlapped rounds, fetch the round ahead's model from blobs while training the round in hand: only for a
+    # port whose load_model and apply_delta make new objects (the model in training is never written to) and whose
+    # training leaves the event loop free
+    prefetches = False
 
     # identity
     async def sign(self, data: bytes) -> str:
@@ -275,6 +279,8 @@ class Node:
         self._trained: tuple[int, float, float] | None = None  # the last round trained: (round, assigned at, seconds)
         self._taken: tuple[int, str] | None = None  # the last assignment taken up: (round, model hash)
         self._awaiting: dict[int, Sent] = {}  # round -> the update sent for it, until its verdict is booked
+        self._ahead: RoundOpen | None = None  # the newest assignment after the one in hand (overlapped rounds)
+        self._prefetch: asyncio.Task | None = None  # fetching its model meanwhile (NodePort.prefetches)
         self._snapshot_manifest: asyncio.Task | None = None  # fetching the round's, while its delta comes
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._answer: asyncio.Future | None = None
@@ -312,6 +318,8 @@ class Node:
                 self._closed_round = max(self._closed_round, item.round)
             if isinstance(item, UpdateResult) and item.round in self._awaiting:
                 self._book(item)  # booked on arrival: with overlapped rounds the node is training the next one
+            if isinstance(item, RoundOpen):
+                self._heard_ahead(item)
             self._inbox.put_nowait(item)
 
     def lost(self, source: str, reason: str) -> None:
@@ -468,7 +476,7 @@ class Node:
         self.phase = Phase.JOINING
         self._inbox, self._receivers, self._answer = asyncio.Queue(), {}, None
         # a new session: the coordinator assigns afresh, and verdicts sent on the old link are lost with it
-        self._taken, self._awaiting = None, {}
+        self._taken, self._awaiting, self._ahead, self._prefetch = None, {}, None, None
         if self.stopped:
             raise Stopped("stopped")
         self.port.report("state", state="connecting", path=None)
@@ -646,6 +654,9 @@ class Node:
         self.port.report("round", round=assignment.round + 1, steps=steps, batch=batch, shard=assignment.shard,
                          plan=self.planner.note)
         await self.swarm.advise(assignment.peers, assignment.peer_urls)
+        prefetch, self._prefetch = self._prefetch, None
+        if prefetch is not None:  # the model fetched ahead, or not: never two fetches at once
+            await asyncio.wait([prefetch])
         newer = await self._fetch_model(assignment)
         if self.model_hash != assignment.model_hash:
             return newer
@@ -658,6 +669,7 @@ class Node:
         work = await self._work(assignment, steps, batch)
         await self.port.before_training(self, work)
         self.phase = Phase.TRAINING
+        self._fetch_ahead()  # (work holds this round's model: the node may hold the next one meanwhile)
         started = time.time()
         losses = await self.port.train(self, work)
         seconds, compute = self.training_time(started)
@@ -678,11 +690,41 @@ class Node:
                                                        float(cfg["deadline_seconds"]), overlapped)
         header = await self._upload(assignment, work, payload, losses, seconds)
         self.port.report("uploaded", round=assignment.round, bytes=header.total_bytes, sha256=header.sha256,
-                         model_hash=self.model_hash)  # the model it trained on, held and checked against the hash
+                         model_hash=assignment.model_hash)  # the model it trained on, checked against this hash
         if overlapped:  # the next round is open already: train it now, and book this verdict when it comes
             self._plan_from(sent)
             return newer
         return await self._verdict(assignment, newer)
+
+    def _heard_ahead(self, assignment: RoundOpen) -> None:
+        """An assignment arrived. With overlapped rounds one for a round after the one in hand may come while this
+        node trains: its model is then fetched meanwhile (NodePort.prefetches)."""
+        if not self.port.prefetches or assignment.config.get("overlap") is not True:
+            return
+        if self._taken is not None and assignment.round <= self._taken[0]:
+            return
+        self._ahead = assignment
+        if self.phase in (Phase.TRAINING, Phase.UPLOADING):
+            self._fetch_ahead()
+
+    def _fetch_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.model_hash == self.model_hash:
+            return
+        if self._prefetch is None or self._prefetch.done():
+            self._prefetch = self.swarm.spawn(self._prefetch_model(ahead))
+
+    async def _prefetch_model(self, assignment: RoundOpen) -> None:
+        """The model of the round ahead, from blobs, while this node trains the round in hand, so that it starts that
+        round at once. What cannot be had now is left to that round's own fetch."""
+        signed = signing_bytes("model", {"round": assignment.round, "model_hash": assignment.model_hash})
+        if not await self.port.verify(self.coordinator_id, signed, assignment.model_signature):
+            return  # (the round itself says so, when it comes)
+        try:
+            await self._fetch_blobs(assignment)
+        except (Disconnected, *self.port.transient) as e:
+            self.port.report("notice", message=f"round {assignment.round + 1}: its model was not fetched ahead ({e}); "
+                                               "it is fetched when the round starts")
 
     async def _fetch_model(self, assignment: RoundOpen) -> RoundOpen | None:
         """Ask for the round's model unless it is held. A newer RoundOpen that arrives meanwhile is returned."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from server.coordinator.blobs import BlobStore
 from server.keys import NodeKey
 from server.model import GPT, flat_parameters, init_parameters
 from server.trainer import EXIT_CODES, Progress, TorchPort
@@ -243,3 +244,55 @@ def test_frames_the_node_cannot_read_end_the_session_not_the_node():
     items = [node._inbox.get_nowait() for _ in range(2)]
     assert all(isinstance(i, Disconnected) for i in items)
     assert decode_message(Bye("x").encode()) == Bye("x")
+
+
+class AheadCoordinator(ScriptedCoordinator):
+    """Overlapped rounds: round 1 is assigned while the node trains round 0 (as when round 0 opened ahead of it),
+    and the models are published as blobs, as the coordinator's BlobStore serves them."""
+
+    def __init__(self, models: dict[int, np.ndarray]):
+        super().__init__(models)
+        self.blobs = BlobStore(NodeKey())
+        for r in sorted(self.models):
+            self.blobs.publish(r, self.models[r])
+
+    def open_round(self, r: int) -> None:
+        h = self.hashes[r]
+        self.node.feed("signaling", RoundOpen(r, h, "0" * 128, {**CONFIG, "overlap": True}, 0, 0.0,
+                                              self.blobs.manifest_of(h)).encode())
+
+    def after_round(self, r: int) -> None:
+        if r + 1 == self.rounds:
+            self.node.feed("signaling", Bye("job finished").encode())
+
+
+class AheadPort(ScriptedTorchPort):
+    async def fetch_blob(self, name: str) -> bytes | None:
+        return self.coordinator.blobs.get(name)
+
+    async def before_training(self, node: Node, work) -> None:
+        if work.round == 0:
+            self.coordinator.open_round(1)  # heard while round 0 is about to train
+
+    async def train(self, node: Node, work) -> list[float]:
+        losses = await super().train(node, work)
+        if work.round == 0:  # still in round 0's training: round 1's model arrives meanwhile
+            for _ in range(200):
+                if any(e == "model" and f["round"] == 2 for e, f in self.events):
+                    break
+                await asyncio.sleep(0.05)
+            self.fetched_while_training = node.phase == Phase.TRAINING and node.model_hash == self.coordinator.hashes[1]
+        return losses
+
+
+def test_with_overlapped_rounds_the_trainer_fetches_the_next_model_while_it_trains():
+    coordinator = AheadCoordinator({0: initial_model(), 1: initial_model() * 0.5})
+    port = AheadPort(coordinator)
+    node = Node(port, port.key.node_id, transport="websocket")
+    ended = asyncio.run(asyncio.wait_for(node.run(), 120))
+    assert ended.how == "finished" and port.fetched_while_training
+    models = [(f["round"], f["source"], f["hash"]) for e, f in port.events if e == "model"]
+    assert models == [(1, "blobs", coordinator.hashes[0]), (2, "blobs", coordinator.hashes[1])]  # once each
+    assert [(u.round, u.model_hash) for u, _ in coordinator.updates] == [(0, coordinator.hashes[0]),
+                                                                         (1, coordinator.hashes[1])]
+    assert node.accepted == 2
