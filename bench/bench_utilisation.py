@@ -112,8 +112,9 @@ def shape_loopback(rate_mbit: float | None) -> None:
                         "latency", "200ms"], check=True)
 
 
-def run_job(args: argparse.Namespace, logs: Path, wan: bool, overlap: bool) -> list[float]:
-    """One job of `args.rounds` rounds with two trainers; each node's utilisation at its end."""
+def run_job(args: argparse.Namespace, logs: Path, wan: bool, overlap: bool) -> tuple[list[float], float]:
+    """One job of `args.rounds` rounds with two trainers: each node's utilisation at its end, and the final
+    validation loss (what overlap's delayed outer step costs, next to what it buys)."""
     shape_loopback(args.rate_mbit if wan else None)
     name = f"{'wan' if wan else 'lo'}{'-overlap' if overlap else ''}"
     coordinator = Coordinator(logs, logs / f"data-{name}", "--inner-steps", str(args.inner_steps),
@@ -132,7 +133,7 @@ def run_job(args: argparse.Namespace, logs: Path, wan: bool, overlap: bool) -> l
         for p in trainers + [coordinator]:
             p.stop()
         shape_loopback(None)
-    return [n["utilisation"] for n in status["nodes"] if n["utilisation"] is not None]
+    return [n["utilisation"] for n in status["nodes"] if n["utilisation"] is not None], status["val_loss"]
 
 
 def main() -> None:
@@ -157,12 +158,12 @@ def main() -> None:
                     for wan in (False, True) for overlap in (False, True)}
     print(f"H={args.inner_steps}, {args.rounds} rounds, 2 trainers; utilisation = training time / wall time, "
           "each node's last rounds")
-    print(f"{'link':>32} {'overlap':>7} {'nodes':>14} {'mean':>6}")
+    print(f"{'link':>32} {'overlap':>7} {'nodes':>14} {'mean':>6} {'val loss':>9}")
     links = {False: "loopback", True: f"{args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT"}
-    mean = {key: statistics.mean(u) for key, u in measured.items()}
-    for (wan, overlap), u in measured.items():
+    mean = {key: statistics.mean(u) for key, (u, _) in measured.items()}
+    for (wan, overlap), (u, loss) in measured.items():
         print(f"{links[wan]:>32} {'on' if overlap else 'off':>7} {' '.join(f'{x:.3f}' for x in u):>14} "
-              f"{mean[wan, overlap]:>6.3f}")
+              f"{mean[wan, overlap]:>6.3f} {loss:>9.4f}")
     for wan in (False, True):
         print(f"ratio (overlap on / off), {links[wan]}: {mean[wan, True] / mean[wan, False]:.3f}")
     for overlap in (False, True):

@@ -475,8 +475,9 @@ class Node:
     async def _session(self) -> None:
         self.phase = Phase.JOINING
         self._inbox, self._receivers, self._answer = asyncio.Queue(), {}, None
-        # a new session: the coordinator assigns afresh, and verdicts sent on the old link are lost with it
-        self._taken, self._awaiting, self._ahead, self._prefetch = None, {}, None, None
+        # a new session: the coordinator (perhaps another job's, restarted) assigns afresh, and verdicts sent on the
+        # old link are lost with it
+        self._taken, self._awaiting, self._ahead, self._prefetch, self._closed_round = None, {}, None, None, -1
         if self.stopped:
             raise Stopped("stopped")
         self.port.report("state", state="connecting", path=None)

@@ -303,9 +303,11 @@ class Coordinator:
             a.aggregated = i not in discarded
         new_round = rnd.round + 1
         # the rules for the next round, weighed with the reputation of the last settled round
+        # (a round already open ahead keeps the config it was given: the change reaches the round opened after it)
+        first = new_round + 1 if self.next_round is not None else new_round
         for change in self.governor.boundary(new_round):
             log.info("governance: %s %s -> %s takes effect in round %d", change.kind, change.target, change.after,
-                     new_round)
+                     first + 1)
         before = dataclasses.replace(self.model)  # (arrays are never written in place: sharing them is safe)
         settle = Settle(rnd, accepted, governed, before, Checkpoint(new_round, params, momentum), closed_at,
                         self.bytes_sent() - rnd.bytes_sent_before, self.strategy.delta_residual)
