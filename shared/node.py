@@ -101,6 +101,7 @@ class Sent:
     losses: list
     seconds: float
     received: float  # when the node took up the round
+    model_hash: str  # the model it was computed on
     deadline_seconds: float
     overlapped: bool  # the node went on to the next round without waiting for it
 
@@ -624,8 +625,8 @@ class Node:
             item = pending or await self._next()
             pending = None
             if isinstance(item, RoundOpen):
-                if self._closed_round > item.round or self._taken == (item.round, item.model_hash):
-                    continue  # closed already (a newer assignment is on its way), or taken up already
+                if self._closed_round > item.round or self._sent_for(item):
+                    continue  # closed already (a newer assignment is on its way), or its update awaits its verdict
                 try:
                     await self._hold_while_paused(item.round)
                     self._taken = (item.round, item.model_hash)
@@ -687,7 +688,7 @@ class Node:
             return newer
         overlapped = cfg.get("overlap") is True
         # awaited before it is sent: the verdict may come back while the last bytes are still being sent
-        sent = self._awaiting[assignment.round] = Sent(work, losses, seconds, received,
+        sent = self._awaiting[assignment.round] = Sent(work, losses, seconds, received, assignment.model_hash,
                                                        float(cfg["deadline_seconds"]), overlapped)
         header = await self._upload(assignment, work, payload, losses, seconds)
         self.port.report("uploaded", round=assignment.round, bytes=header.total_bytes, sha256=header.sha256,
@@ -696,6 +697,12 @@ class Node:
             self._plan_from(sent)
             return newer
         return await self._verdict(assignment, newer)
+
+    def _sent_for(self, assignment: RoundOpen) -> bool:
+        """Whether this node's update for this very assignment awaits its verdict: the coordinator opened the round
+        again on the same model (after a failed settle), where that update still counts."""
+        sent = self._awaiting.get(assignment.round)
+        return sent is not None and sent.model_hash == assignment.model_hash
 
     def _heard_ahead(self, assignment: RoundOpen) -> None:
         """An assignment arrived. With overlapped rounds one for a round after the one in hand may come while this

@@ -120,9 +120,9 @@ def test_an_overlapped_rounds_update_waits_for_its_round_and_counts_in_full(tmp_
     assert {(u["round"], u["model_hash"]) for u in uploads} == {(0, models[0]), (1, models[1]), (2, models[1])}
 
 
-async def failed_settle_with_overlap(data_dir):
+async def failed_settle(data_dir, overlap: bool, background: bool):
     options = SimOptions(workers=2, rounds=4, inner_steps=2, batch=4, corpus_bytes=1_000_000, seed=0, out=None,
-                         overlap=True)
+                         overlap=overlap, background_settle=background)
     sim = Simulation(options, load_corpus(None, options.corpus_bytes), data_dir)
     coordinator = sim.coordinator
     checkpoints = data_dir / "checkpoints"
@@ -150,9 +150,12 @@ async def failed_settle_with_overlap(data_dir):
     return coordinator.status(), taken_back, workers
 
 
+# with overlap: both rounds in flight are abandoned; without it and settling before the next round opens, round 2
+# opens again on the very model it had, and the nodes must train it again (they once sat idle, taking it for a copy)
 @pytest.mark.timeout(180)
-def test_with_overlapped_rounds_a_failed_settle_opens_the_rounds_again_from_the_last_commit(tmp_path):
-    status, taken_back, workers = asyncio.run(failed_settle_with_overlap(tmp_path))
+@pytest.mark.parametrize("overlap, background", [(True, True), (False, False)])
+def test_a_failed_settle_opens_the_rounds_again_from_the_last_commit(tmp_path, overlap, background):
+    status, taken_back, workers = asyncio.run(failed_settle(tmp_path, overlap, background))
     assert taken_back == 1  # back to the model after round 0, the last commit
     assert [h["round"] for h in status["history"]] == [0, 1, 2, 3, 4]  # none lost, none repeated
     assert all(h["accepted"] == 2 and h["rejected"] == 0 for h in status["history"][1:]), status["history"]

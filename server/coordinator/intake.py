@@ -134,6 +134,7 @@ class Intake:
         self.deferred: list[DeferredPayload] = []  # arrived while a round closed
         # the assignments of recent rounds, without their updates: a late update is checked against its own
         self.assigned: dict[int, Assignments] = {}
+        self.forgotten: dict[int, Assignments] = {}  # those of rounds abandoned in flight, until they open again
         self.peer_log = LogLimiter(log)  # lines a node's input can cause: rate-limited, so they cannot flood
         self._reconnects = RecentJoins()  # node id -> its admissions in the last minute
         self._shard_counter = 0
@@ -177,6 +178,8 @@ class Intake:
         session.state = "left"  # whatever it sends from now on is dropped (see heard)
         for key in [k for k, p in self.pending.items() if p.session is session]:
             del self.pending[key]  # bytes that can no longer arrive
+        # updates of a round not yet collecting: dropped, so that the node's resend after a reconnect is heard
+        self.deferred = [d for d in self.deferred if d.session is not session]
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
             self.coordinator.changed.set()
@@ -239,7 +242,15 @@ class Intake:
     # -- assignments ----------------------------------------------------------------------------------------
 
     def opened(self, rnd: OpenRound) -> None:
-        """Remember what `rnd` assigns (for ASSIGNMENTS_KEPT rounds), so that its late updates can be checked."""
+        """Remember what `rnd` assigns (for ASSIGNMENTS_KEPT rounds), so that its late updates can be checked. A
+        round abandoned in flight and opened again on the same model keeps its shards and assignment times: the
+        work its nodes did or still do for it is that round's work, and reproduces as such."""
+        old = self.forgotten.pop(rnd.round, None)
+        if old is not None and old.model_hash == rnd.base.hash:
+            for node_id, shard in old.assignments.items():
+                rnd.assignments.setdefault(node_id, shard)
+            for node_id, at in old.assigned_at.items():
+                rnd.assigned_at.setdefault(node_id, at)
         self.assigned[rnd.round] = rnd.assigned()
         for old in [r for r in self.assigned if r <= rnd.round - ASSIGNMENTS_KEPT]:
             del self.assigned[old]
@@ -509,7 +520,8 @@ class Intake:
         """Rounds abandoned before they closed: their assignments are forgotten (an update for one is refused until
         it opens again), and the updates for them that wait in `deferred` are refused now."""
         for r in rounds:
-            self.assigned.pop(r, None)
+            if r in self.assigned:
+                self.forgotten[r] = self.assigned.pop(r)
         waiting = [d for d in self.deferred if d.pending.update.round in rounds]
         self.deferred = [d for d in self.deferred if d.pending.update.round not in rounds]
         for d in waiting:
