@@ -263,9 +263,10 @@ class PathSelect(Message):
 
 @message("round_open")
 class RoundOpen(Message):
-    """Coordinator -> node: the assignment for round `round`: the model after `round` completed rounds, or with
-    overlapped rounds (config "overlap") the model after `round - 1`, which opens while round `round - 1` still
-    collects its updates (a node starts it at once, without waiting for the verdict on its last update).
+    """Coordinator -> node: the assignment for round `round`: the model after `round` completed rounds. With
+    overlapped rounds (config "overlap"), a round that opens while round `round - 1` still collects its updates
+    trains on the model after `round - 1` rounds (a node starts it at once, without waiting for the verdict on its
+    last update).
 
     `model_signature` is the coordinator's signature over signing_bytes("model", {"round", "model_hash"}).
     """
