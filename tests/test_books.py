@@ -28,22 +28,33 @@ def rewrite_books(db_path: Path, edit: Callable[[list[LedgerEntry]], list[Ledger
     after the edit, the balance table and each round's ledger head. sign_with re-signs every round record (the
     coordinator's own key, for a coordinator that cheats, or another key); None keeps the stored signatures."""
     with sqlite3.connect(db_path) as db:
-        entries = [LedgerEntry.from_dict(json.loads(r[0])) for r in db.execute("SELECT entry FROM ledger ORDER BY seq")]
-        old_hashes = [e.hash for e in entries]
-        forged = reforge(edit(entries))
-        db.execute("DELETE FROM ledger")
-        for e in forged.entries:
-            db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (?, ?, ?, ?, ?, ?)",
-                       (e.seq, e.round, e.node, e.kind, e.hash, json.dumps(e.to_dict(), sort_keys=True)))
-        db.execute("DELETE FROM balances")
-        db.executemany("INSERT INTO balances (account, amount) VALUES (?, ?)", forged.balances().items())
-        for round_, model_hash, head in db.execute("SELECT round, model_hash, ledger_head FROM rounds").fetchall():
-            if head in old_hashes:  # the same position in the forged log (the new last entry, if it got shorter)
-                head = forged.entries[min(old_hashes.index(head), len(forged.entries) - 1)].hash
-            db.execute("UPDATE rounds SET ledger_head = ? WHERE round = ?", (head, round_))
-            if sign_with is not None:
-                db.execute("UPDATE rounds SET signature = ? WHERE round = ?",
-                           (sign_with.sign(round_record_bytes(round_, model_hash, head)), round_))
+        forge_books(db, "?", edit, sign_with)
+
+
+def forge_books(db, mark: str, edit: Callable[[list[LedgerEntry]], list[LedgerEntry]],
+                sign_with: NodeKey | None) -> None:
+    """rewrite_books on an open connection of either database (sqlite3 or psycopg), whose parameter placeholder is
+    `mark` ("?" or "%s"); the caller commits."""
+    def sql(text: str) -> str:
+        return text.replace("?", mark)
+
+    entries = [LedgerEntry.from_dict(json.loads(r[0])) for r in db.execute("SELECT entry FROM ledger ORDER BY seq")]
+    old_hashes = [e.hash for e in entries]
+    forged = reforge(edit(entries))
+    db.execute("DELETE FROM ledger")
+    for e in forged.entries:
+        db.execute(sql("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (?, ?, ?, ?, ?, ?)"),
+                   (e.seq, e.round, e.node, e.kind, e.hash, json.dumps(e.to_dict(), sort_keys=True)))
+    db.execute("DELETE FROM balances")
+    for account, amount in forged.balances().items():
+        db.execute(sql("INSERT INTO balances (account, amount) VALUES (?, ?)"), (account, amount))
+    for round_, model_hash, head in db.execute("SELECT round, model_hash, ledger_head FROM rounds").fetchall():
+        if head in old_hashes:  # the same position in the forged log (the new last entry, if it got shorter)
+            head = forged.entries[min(old_hashes.index(head), len(forged.entries) - 1)].hash
+        db.execute(sql("UPDATE rounds SET ledger_head = ? WHERE round = ?"), (head, round_))
+        if sign_with is not None:
+            db.execute(sql("UPDATE rounds SET signature = ? WHERE round = ?"),
+                       (sign_with.sign(round_record_bytes(round_, model_hash, head)), round_))
 
 
 def overpay(entries: list[LedgerEntry], extra: int = 1_000) -> list[LedgerEntry]:

@@ -6,7 +6,6 @@ Only tests call this, and only on copies or on a test's own coordinator's store;
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sqlite3
@@ -14,40 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.keys import NodeKey
-from shared.rewards import LedgerEntry, round_record_bytes
+from shared.rewards import LedgerEntry
 from tests.conftest import Coordinator
-from tests.test_books import rewrite_books
-from tests.test_rewards import reforge
+from tests.test_books import forge_books, rewrite_books
 
 Edit = Callable[[list[LedgerEntry]], list[LedgerEntry]]
 COPY_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")  # a copy's name goes into a database name, unquoted
 
 
 def rewrite_postgres_books(url: str, edit: Edit, sign_with: NodeKey | None = None) -> None:
-    """tests.test_books.rewrite_books, done to a PostgreSQL store: the ledger edited and re-hashed, the balance
-    table and every round's head rewritten to match; sign_with re-signs each round record (None keeps the stored
-    signatures)."""
+    """tests.test_books.rewrite_books, done to a PostgreSQL store."""
     import psycopg
 
     with psycopg.connect(url) as db:  # one transaction, committed on leaving
-        rows = db.execute("SELECT entry FROM ledger ORDER BY seq").fetchall()
-        entries = [LedgerEntry.from_dict(json.loads(r[0])) for r in rows]
-        old_hashes = [e.hash for e in entries]
-        forged = reforge(edit(entries))
-        db.execute("DELETE FROM ledger")
-        for e in forged.entries:
-            db.execute("INSERT INTO ledger (seq, round, node, kind, hash, entry) VALUES (%s, %s, %s, %s, %s, %s)",
-                       (e.seq, e.round, e.node, e.kind, e.hash, json.dumps(e.to_dict(), sort_keys=True)))
-        db.execute("DELETE FROM balances")
-        for account, amount in forged.balances().items():
-            db.execute("INSERT INTO balances (account, amount) VALUES (%s, %s)", (account, amount))
-        for round_, model_hash, head in db.execute("SELECT round, model_hash, ledger_head FROM rounds").fetchall():
-            if head in old_hashes:  # the same position in the forged log (the new last entry, if it got shorter)
-                head = forged.entries[min(old_hashes.index(head), len(forged.entries) - 1)].hash
-            db.execute("UPDATE rounds SET ledger_head = %s WHERE round = %s", (head, round_))
-            if sign_with is not None:
-                db.execute("UPDATE rounds SET signature = %s WHERE round = %s",
-                           (sign_with.sign(round_record_bytes(round_, model_hash, head)), round_))
+        forge_books(db, "%s", edit, sign_with)
 
 
 def forged_copy(coordinator: Coordinator, tmp_path: Path, name: str, edit: Edit,
