@@ -276,10 +276,8 @@ class AheadPort(ScriptedTorchPort):
 
     async def train(self, node: Node, work) -> list[float]:
         losses = await super().train(node, work)
-        if work.round == 0:  # still in round 0's training: round 1's model arrives meanwhile
-            for _ in range(200):
-                if any(e == "model" and f["round"] == 2 for e, f in self.events):
-                    break
+        if work.round == 0:  # still in round 0's training: round 1's model arrives meanwhile (however long it takes)
+            while not any(e == "model" and f["round"] == 2 for e, f in self.events):
                 await asyncio.sleep(0.05)
             self.fetched_while_training = node.phase == Phase.TRAINING and node.model_hash == self.coordinator.hashes[1]
         return losses
